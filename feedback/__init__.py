@@ -1,0 +1,1 @@
+"""Feedback: round-trips candidate rankings through Argilla (issue 4)."""
