@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curation.records import Record
-from curation.steps import CurationError, RejectSink, Step
+from curation.steps import CurationError, Reader, RejectSink, Step
 
 
 @dataclass
@@ -30,6 +30,7 @@ class StepReport:
     label: str
     type: str
     creates: bool
+    reader: bool = False
     n_in: int = 0
     n_out: int = 0
     drops: Counter = field(default_factory=Counter)
@@ -55,7 +56,7 @@ class Ledger:
 
     @property
     def read(self) -> int:
-        return sum(r.created for r in self.steps if r.type.startswith("read"))
+        return sum(r.created for r in self.steps if r.reader)
 
     @property
     def created(self) -> int:
@@ -161,7 +162,7 @@ class Pipeline:
         for i, step in enumerate(steps):
             step.label = step.label or f"{i:02d}_{step.type_name}"
             step._sink = self._sink
-            self.reports.append(StepReport(step.label, step.type_name, step.creates))
+            self.reports.append(StepReport(step.label, step.type_name, step.creates, isinstance(step, Reader)))
 
     @property
     def ledger(self) -> Ledger:

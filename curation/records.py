@@ -36,7 +36,7 @@ _MESSAGE_LIST_KEYS = ("messages", "chosen", "rejected")
 
 def stable_id(*parts: object) -> str:
     """A short deterministic id from where a record came from (no process-salted ``hash()``)."""
-    return xxhash.xxh3_64_hexdigest("\x1f".join(str(p) for p in parts))
+    return xxhash.xxh3_64_hexdigest("\x1f".join(str(p) for p in parts).encode("utf-8"))
 
 
 def make_lineage(path: object, row: int | None, parent: str | None = None, chunk: int | None = None) -> dict:
@@ -122,22 +122,34 @@ def document_text(record: Record) -> str:
 
 
 def prompt_text(record: Record) -> str:
-    """The prompt side of a record (for grouping by prompt); the whole text when it has no prompt."""
+    """The prompt side of a record, for grouping by prompt (splits, rating groups): every turn before the final
+    assistant reply, without system turns (a system prompt added to every row must not make all prompts equal).
+    A record with no prompt side (a raw document) is its own prompt."""
     if "prompt" in record:
-        return "\n".join(_prompt_texts(record["prompt"]))
+        prompt = record["prompt"]
+        turns = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] != "system"]
+        return "\n".join(turns)
     if record.get("messages"):
-        turns = [m["content"] for m in record["messages"] if m["role"] != "assistant"]
-        return "\n".join(turns[:1] if turns else [])
+        msgs = record["messages"]
+        end = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+        return "\n".join(m["content"] for m in msgs[:end] if m["role"] != "system")
     return document_text(record)
 
 
+KINDS = ("instruction", "prompt_completion", "preference", "ranking", "document")
+
+
 def record_kind(record: Record) -> str:
-    """Which output dataset a record belongs to: ``preference``, ``ranking``, ``instruction`` or ``document``."""
+    """Which output dataset a record belongs to (one TRL format each): ``instruction`` (``messages``),
+    ``prompt_completion``, ``preference`` (``prompt``/``chosen``/``rejected``), ``ranking`` (``prompt``/``candidates``)
+    or ``document`` (raw ``text``)."""
     if "chosen" in record and "rejected" in record:
         return "preference"
     if "candidates" in record:
         return "ranking"
-    if "messages" in record or "completion" in record:
+    if "completion" in record:
+        return "prompt_completion"
+    if "messages" in record:
         return "instruction"
     return "document"
 

@@ -143,12 +143,23 @@ class Reader(Step):
     def read(self) -> Iterator[Record]:
         raise NotImplementedError
 
+    def where(self, path: Path) -> str:
+        """The path kept in lineage (and hashed into ids): relative to the recipe folder, so ids stay the same
+        when the project is checked out elsewhere."""
+        path = Path(path)
+        if self.base_dir is not None:
+            try:
+                return path.relative_to(self.base_dir).as_posix()
+            except ValueError:
+                pass
+        return path.as_posix()
+
     def quarantine(self, path: object, line: int | None, raw: str, problem: str, reason: str) -> None:
         """A malformed row: stop with an error naming file and line, or (``on_error: skip``) send it to rejects."""
         if self.on_error != "skip":
             raise InputError(path, line, problem)
-        self.drop({"lineage": {"path": str(path), "row": line, "parent": None, "chunk": None}, "raw": raw,
-                   "error": problem}, reason)
+        self.drop({"lineage": {"path": self.where(Path(str(path))), "row": line, "parent": None, "chunk": None},
+                   "raw": raw, "error": problem}, reason)
 
 
 def expand_paths(paths: str | list[str], base: Path | None = None, suffixes: tuple[str, ...] = ()) -> list[Path]:
@@ -161,8 +172,10 @@ def expand_paths(paths: str | list[str], base: Path | None = None, suffixes: tup
         p = Path(item)
         if base is not None and not p.is_absolute():
             p = base / p
-        if p.is_dir():
-            matches = sorted(q for q in p.rglob("*") if q.is_file() and (not suffixes or q.suffix.lower() in suffixes))
+        if p.is_dir() and is_dataset_folder(p):
+            matches = [p]
+        elif p.is_dir():
+            matches = _walk(p, suffixes)
         elif any(ch in str(p) for ch in "*?["):
             matches = sorted(Path(q) for q in glob.glob(str(p), recursive=True) if Path(q).is_file())
         elif p.is_file():
@@ -174,6 +187,27 @@ def expand_paths(paths: str | list[str], base: Path | None = None, suffixes: tup
             raise CurationError(f"no input files{want} under {p}")
         found.extend(matches)
     return found
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder written by ``datasets.save_to_disk`` (a Dataset has state.json, a DatasetDict dataset_dict.json)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _walk(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files under ``folder`` with the wanted suffixes. A ``save_to_disk`` folder inside is one input (its
+    outermost folder), taken only by readers of ``.arrow``: its ``dataset_info.json`` is not a data file."""
+    out: dict[Path, None] = {}
+    for q in sorted(folder.rglob("*")):
+        if not q.is_file():
+            continue
+        root = next((a for a in reversed(q.relative_to(folder).parents[:-1]) if is_dataset_folder(folder / a)), None)
+        if root is not None:
+            if ".arrow" in suffixes:
+                out[folder / root] = None
+        elif not suffixes or q.suffix.lower() in suffixes:
+            out[q] = None
+    return list(out)
 
 
 def read_text_file(path: Path, counters: Counter | None = None) -> str:

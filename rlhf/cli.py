@@ -1,0 +1,52 @@
+"""The root command ``rlhf``: each package contributes its command (group); nothing heavy is imported here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from curation.cli import curate
+
+app = typer.Typer(
+    name="rlhf",
+    help="Turn a general LLM into a domain specialist with human feedback: curate -> rank -> align.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """rlhf-pipeline: curate a domain corpus, rank outputs in Argilla, align with SFT/RM/PPO/DPO."""
+
+
+app.command("curate")(curate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user mistakes print one clear line and return 2, never a traceback."""
+    from curation.steps import CurationError
+    from rlhf.config import ConfigError
+
+    try:
+        app(args=argv, prog_name="rlhf")  # click handles usage errors and --help itself (exit codes 2 and 0)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except (CurationError, ConfigError) as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
