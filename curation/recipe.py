@@ -33,6 +33,7 @@ STEP_MODULES = (
     "curation.readers.tabular",
     "curation.readers.domain",
     "curation.readers.public",
+    "curation.readers.oasst",
     "curation.clean",
     "curation.language",
     "curation.quality",

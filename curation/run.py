@@ -54,7 +54,11 @@ def run_curation(config: CurateConfig, argv: list[str] | None = None, progress: 
     writer = DatasetWriter(out_dir, config.output.formats)
     pipeline = Pipeline(steps, sink=rejects, num_proc=config.num_proc, workdir=out_dir)
     stream = pipeline.run()
-    if progress:
+    if not progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+    else:
         from tqdm import tqdm
 
         stream = tqdm(stream, desc=f"curate {config.name}", unit=" records", file=sys.stderr, mininterval=0.5)

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     from curation.steps import CurationError
     from rlhf.config import ConfigError
 
+    saved_argv = sys.argv
+    if argv is not None:  # in-process calls (tests, `rlhf run`): manifests record the command as given
+        sys.argv = ["rlhf", *argv]
     try:
         app(args=argv, prog_name="rlhf")  # click handles usage errors and --help itself (exit codes 2 and 0)
     except SystemExit as e:
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    finally:
+        sys.argv = saved_argv
     return 0
 
 

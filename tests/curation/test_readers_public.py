@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from curation.pipeline import Pipeline
-from curation.readers.public import (ReadAlpaca, ReadHHRLHF, ReadOASST, ReadOpenAIChat, ReadShareGPT,
+from curation.readers.oasst import ReadOASST
+from curation.readers.public import (ReadAlpaca, ReadHHRLHF, ReadOpenAIChat, ReadShareGPT,
                                      ReadTRLPreference)
 from curation.steps import CurationError, InputError
 
