@@ -163,12 +163,26 @@ def _phone_shaped(text: str, start: int, end: int, raw: str, number: Any, region
 
 # Support-chat cues that introduce a name. Only the name tokens after the cue are labelled (an EntityRuler would
 # label the whole match), so cues are Matcher patterns grouped by their length and the cue is cut off each match.
-_HONORIFICS = ["mr", "mrs", "ms", "mx", "miss", "dr", "prof"]
-_SIGN_OFFS = ["thanks", "regards", "cheers", "best", "sincerely"]
+# Support queues get chats in several languages, and a dropped non-English chat still lands in rejects.jsonl, so the
+# cues cover the commonest European forms too (Spanish, German, French, Italian, Dutch, Portuguese).
+_HONORIFICS = ["mr", "mrs", "ms", "mx", "miss", "dr", "prof", "sr", "sra", "srta", "herr", "frau", "mme", "mlle",
+               "sig", "signor", "signora", "dhr", "mevr"]
+_SIGN_OFFS = ["thanks", "regards", "cheers", "best", "sincerely", "gracias", "danke", "merci", "grazie", "obrigado",
+              "obrigada", "bedankt"]
 _CUES = [
     [{"LOWER": "my"}, {"LOWER": "name"}, {"LOWER": "is"}],
     [{"LOWER": "this"}, {"LOWER": "is"}],
     [{"LOWER": "i"}, {"LOWER": {"IN": ["'m", "’m", "am"]}}],
+    [{"LOWER": "me"}, {"LOWER": "llamo"}],  # es
+    [{"LOWER": {"IN": ["mi", "mein", "mijn"]}}, {"LOWER": {"IN": ["nombre", "name", "nome", "naam"]}},
+     {"LOWER": {"IN": ["es", "ist", "è", "is"]}}],  # es, de, it, nl
+    [{"LOWER": "ich"}, {"LOWER": {"IN": ["heiße", "heisse", "bin"]}}],  # de
+    [{"LOWER": "hier"}, {"LOWER": "ist"}],  # de: "hier ist Jonas Becker"
+    [{"LOWER": "je"}, {"LOWER": {"IN": ["m'appelle", "m’appelle"]}}],  # fr
+    [{"LOWER": "je"}, {"LOWER": {"IN": ["m", "m'"]}}, {"LOWER": {"IN": ["'appelle", "’appelle", "appelle"]}}],
+    [{"LOWER": "mi"}, {"LOWER": "chiamo"}],  # it
+    [{"LOWER": "meu"}, {"LOWER": "nome"}, {"LOWER": "é"}],  # pt
+    [{"ORTH": "M."}],  # fr "M. Laurent"
     [{"LOWER": {"IN": _HONORIFICS + [h + "." for h in _HONORIFICS]}}],
     [{"LOWER": {"IN": _HONORIFICS}}, {"ORTH": "."}],
     [{"LOWER": "dear"}],

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from curation.records import Record, document_text, words
+from curation.records import KINDS, Record, document_text, record_kind, words
 from curation.steps import CurationError, Filter, register
 
 GOPHER_STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]
@@ -134,8 +134,15 @@ class GopherQuality(Filter):
     max_top_ngram_chars: dict | None = field(default_factory=lambda: dict(GOPHER_TOP_NGRAMS))
     # {n: fraction of word characters covered by repeated n-grams}: dup_<n>gram
     max_dup_ngram_chars: dict | None = field(default_factory=lambda: dict(GOPHER_DUP_NGRAMS))
+    # record kinds judged (document, instruction, prompt_completion, preference, ranking); others pass. Gopher's
+    # rules were fitted to web pages: a recipe can give chats their own, lighter instance of this step.
+    kinds: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.kinds is not None:
+            unknown = [k for k in self.kinds if k not in KINDS] if isinstance(self.kinds, list) else self.kinds
+            if unknown:
+                raise CurationError(f"gopher_quality: kinds must be a list of {', '.join(KINDS)}; got {self.kinds!r}")
         for name in ("min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "max_symbol_ratio",
                      "min_stop_words"):
             _count_option("gopher_quality", name, getattr(self, name))
@@ -148,6 +155,8 @@ class GopherQuality(Filter):
         self.max_dup_ngram_chars = _ngram_option("max_dup_ngram_chars", self.max_dup_ngram_chars, GOPHER_DUP_NGRAMS)
 
     def check(self, record: Record) -> str | None:
+        if self.kinds is not None and record_kind(record) not in self.kinds:
+            return None
         text = document_text(record)
         ws = words(text)
         if not ws:

@@ -117,6 +117,21 @@ def test_support_chat_name_rules(step, text, expected):
     assert step.redact(text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("Hola, me llamo Lucía Fernández. Estoy de viaje.", "Hola, me llamo <PERSON>. Estoy de viaje."),
+    ("Hola, Sra. Fernández, gracias por escribirnos.", "Hola, Sra. <PERSON>, gracias por escribirnos."),
+    ("Guten Tag, hier ist Jonas Becker. Mein Internet ist langsam.", "Guten Tag, hier ist <PERSON>. Mein Internet ist langsam."),
+    ("Guten Tag, Herr Becker.", "Guten Tag, Herr <PERSON>."),
+    ("Ich heiße Anna Schmidt.", "Ich heiße <PERSON>."),
+    ("Bonjour, je m'appelle Camille Laurent.", "Bonjour, je m'appelle <PERSON>."),
+    ("Bonjour Mme Laurent, et M. Dupont aussi.", "Bonjour Mme <PERSON>, et M. <PERSON> aussi."),
+    ("Mi chiamo Marco Rossi.", "Mi chiamo <PERSON>."),
+])
+def test_name_cues_in_other_european_languages(step, text, expected):
+    """Non-English chats are dropped by the language filter, but they still land in rejects.jsonl."""
+    assert step.redact(text) == expected
+
+
 def test_user_patterns_and_names(tmp_path):
     (tmp_path / "names.txt").write_text("# staff\nZoltan Kovacs\n\n", encoding="utf-8")
     (tmp_path / "patterns.jsonl").write_text('{"label": "ORG", "pattern": "Acme Telecom"}\n'

@@ -149,3 +149,15 @@ def test_length_validation():
         LengthFilter(part="answers")
     with pytest.raises(CurationError, match="min_words.*max_words"):
         LengthFilter(min_words=10, max_words=5)
+
+
+def test_kinds_limits_the_rules_to_some_record_kinds():
+    chat = {"messages": [{"role": "user", "content": "Is roaming free in Spain?"},
+                         {"role": "assistant", "content": "It depends."}]}
+    article = {"text": "A short article."}
+    only_documents = GopherQuality(kinds=["document"])
+    assert only_documents.check(chat) is None
+    assert only_documents.check(article) == "too_few_words"
+    assert GopherQuality().check(chat) == "too_few_words"
+    with pytest.raises(CurationError, match="kinds must be a list of"):
+        GopherQuality(kinds=["chats"])
