@@ -4,7 +4,8 @@
 Northwind Mobile is a fictional UK mobile and broadband operator. This script writes everything under ``raw/`` (FAQ
 pages, support chats, knowledge-base articles), ``eval/heldout.jsonl`` and ``planted.json``, the ground truth the
 tests check the pipeline against: which PII strings were planted, which records are duplicates or near-duplicates,
-which are not English or are junk, and which FAQ pairs leak into the evaluation set.
+which are not English or are junk, which FAQ pairs leak into the evaluation set, and which chats ask the same question
+with differently rated answers (the preference pairs).
 
 It uses the standard library only, and every random choice comes from one ``random.Random(SEED)``, so running it again
 rewrites byte-identical files. The content lives in small plain-text blocks (parsed below) so it reads like prose;
@@ -20,6 +21,7 @@ import json
 import random
 import re
 import string
+from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,8 +36,9 @@ COPYRIGHT = "© 2026 Northwind Mobile. All rights reserved."
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased word tokens, used for word counts and for the shingle similarity checks."""
-    return re.findall(r"\w+", text.lower())
+    """Lower-cased word tokens, used for word counts and for the shingle similarity checks. The pattern is
+    rlhf-pipeline's own (curation.records.words), so the checks below measure what its dedup steps will see."""
+    return re.findall(r"\w+(?:['’]\w+)*", text.lower())
 
 
 def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
@@ -2589,12 +2592,29 @@ JUNK_CHATS = [
      "Limited time only!!! 🎉🎉🎉")],
 ]
 
-BASE_CHATS = 213  # template chats; with 8 exact copies, 8 near copies, 6 non-English and 5 junk: 240 in all
+# Single exchanges: the customer's question, one reply and perhaps a word back. Several customers ask each template's
+# question in the same words (only their PII differs, and redaction makes that equal too) and get replies of
+# different quality, so the recipe's ratings_to_pairs step finds prompts with both well- and badly-rated answers.
+SINGLE_CLOSINGS = {  # the customer's last word after a single reply, matching its quality
+    "good": ["Thanks, that's sorted.", "Ok, I'll try that.", "Great, that's exactly what I needed.",
+             "Perfect, thank you."],
+    "poor": ["That doesn't help at all.", "That's not what I asked.", "Well, that was no use."],
+}
+SINGLE_GOOD, SINGLE_POOR = 2, 2  # replies of each quality a template's single-asking customers get...
+SHORT_HANDED = 16  # ...except in this many templates, which drop one of them (alternately a good and a poor one)
+
+BASE_CHATS = 248  # template chats; with 8 exact copies, 8 near copies, 6 non-English and 5 junk: 275 in all
 EXACT_COPIES = 8
 NEAR_COPIES = 8
-ACCEPT_MAX_SIMILARITY = 0.6  # a new template chat must stay below this Jaccard with every chat so far...
-NEAR_MIN_SIMILARITY = 0.8  # ...while a planted near-duplicate must reach this one with its original
-# Small edits for near-duplicates: (pattern, replacement), applied once each to the longest reply.
+# Similarities are measured on the chat as the recipe's dedup steps see it (see dedup_view), whose MinHash threshold
+# is 0.8: a new template chat must stay below ACCEPT_MAX_SIMILARITY with every chat so far, while a planted
+# near-duplicate must reach NEAR_MIN_SIMILARITY with its original, high enough above 0.8 that MinHash's estimate
+# (standard error about 0.03 with 128 permutations) does not miss it.
+ACCEPT_MAX_SIMILARITY = 0.6
+NEAR_MIN_SIMILARITY = 0.85
+# Small edits for near-duplicates: (pattern, replacement), applied once each to the longest reply. One edit changes
+# up to five 5-word shingles, so a chat of 100 words stays about 0.9 similar; two would bring most chats close to 0.8.
+NEAR_EDITS = 1
 SWAPS = [("usually", "normally"), ("straight away", "right away"), ("check", "confirm"), ("quickest", "fastest"),
          ("about", "around"), ("I've", "I have"), ("phone", "handset"), ("a few", "several"), ("email", "e-mail"),
          ("Happy to help", "Glad to help")]
@@ -2631,9 +2651,11 @@ class ChatFill(dict):
     def __init__(self, values: dict, draw):
         super().__init__(values)
         self._draw = draw
+        self.drawn: set[str] = set()
 
     def __missing__(self, key: str) -> str:
         value = self[key] = self._draw(key, self)
+        self.drawn.add(key)
         return value
 
 
@@ -2652,6 +2674,14 @@ class ChatFactory:
         self.names = iter(pairs)
         self.fixed = {"my name is {name}": FIXED_CUSTOMERS[0], "this is {name}": FIXED_CUSTOMERS[1],
                       "I'm {name}": FIXED_CUSTOMERS[2]}
+        # Single askers of a template all say the same apart from their PII, so its other fields are fixed per template.
+        self.variants = {t["opener"]: self.variant(t) for t in self.templates}
+
+    def variant(self, tpl: dict) -> dict:
+        """The non-PII fields an opener may name: the destination, the measured speed, the town, the router address."""
+        country = self.rng.choice(sorted(c for c, z in COUNTRIES.items() if z in tpl["zones"]))
+        return {"country": country, "speed": str(self.rng.choice([35, 40, 48, 60, 72, 85])),
+                "town": self.rng.choice(TOWNS), "router_url": self.rng.choice(ROUTER_URLS)}
 
     def draw(self, key: str, fill: ChatFill) -> str:
         if key in self.POOLS:
@@ -2675,22 +2705,27 @@ class ChatFactory:
                 return person
         return next(self.names)
 
-    def new_fill(self, tpl: dict, person: tuple[str, str, str]) -> ChatFill:
+    def new_fill(self, tpl: dict, person: tuple[str, str, str], single: bool) -> ChatFill:
         rng = self.rng
         first, last, gender = person
-        country = rng.choice(sorted(c for c, z in COUNTRIES.items() if z in tpl["zones"]))
+        variant = self.variants[tpl["opener"]] if single else self.variant(tpl)
+        country = variant["country"]
         zone = COUNTRIES[country]
         values = {"first": first, "surname": last, "name": f"{first} {last}",
                   "title_surname": f"{'Mr.' if gender == 'm' else 'Ms.'} {last}",
                   "country": country, "zone": zone, "zone_advice": ZONE_ADVICE[zone], "pass_price": PASS_PRICE[zone],
                   "amount": f"{rng.randint(12, 95)}.{rng.choice(['00', '40', '50', '75', '99'])}",
-                  "balance": str(rng.randint(60, 420)), "speed": str(rng.choice([35, 40, 48, 60, 72, 85])),
-                  "town": rng.choice(TOWNS), "day": rng.choice(DAYS)}
+                  "balance": str(rng.randint(60, 420)), "speed": variant["speed"], "town": variant["town"],
+                  "day": rng.choice(DAYS)}
+        if single:  # a longer chat draws its router address from the pool, which plants the credentials URL once
+            values["router_url"] = variant["router_url"]
         return ChatFill(values, self.draw)
 
-    def chat(self, tpl: dict, quality: str, idx: int, person: tuple[str, str, str]) -> dict:
-        """One candidate chat: 2-6 turns, a csat that matches the reply quality, and the PII it contains."""
-        rng, fill = self.rng, self.new_fill(tpl, person)
+    def chat(self, tpl: dict, quality: str, idx: int, person: tuple[str, str, str], single: bool) -> dict:
+        """One candidate chat with a csat that matches the reply quality, and the PII it contains. A single exchange
+        is the opener, one reply and perhaps the customer's last word (2-4 turns); a longer chat always ends with a
+        second agent or supervisor reply, so its prompt (everything before the last reply) is its own."""
+        rng, fill = self.rng, self.new_fill(tpl, person, single)
         turns: list[dict] = []
         used: set[str] = set()
 
@@ -2701,28 +2736,26 @@ class ChatFactory:
         if rng.random() < 0.65:
             say("agent", rng.choice(GREETINGS))
         say("customer", tpl["opener"])
+        say("agent", tpl[quality][idx])
         escalated = False
-        if quality == "good":
-            say("agent", tpl["good"][idx])
-            if rng.random() < 0.75:
-                say("customer", rng.choice(FOLLOWUPS))
-                if rng.random() < 0.7:
-                    say("agent", rng.choice(CLOSINGS))
+        if single:
+            if rng.random() < 0.5:
+                say("customer", rng.choice(SINGLE_CLOSINGS[quality]))
+            csat = rng.choice([4, 5, 5] if quality == "good" else [1, 1, 2])
+        elif quality == "good":
+            say("customer", rng.choice(FOLLOWUPS))
+            say("agent", rng.choice(CLOSINGS))
             csat = rng.choice([4, 5, 5])
         else:
-            say("agent", tpl["poor"][idx])
+            say("customer", rng.choice(PUSHBACKS))
             escalated = rng.random() < 0.5
             if escalated:  # the supervisor's reply fixes it, so the chat ends up middling rather than awful
-                say("customer", rng.choice(PUSHBACKS))
                 say("supervisor", tpl["supervisor"][0])
                 if len(turns) < 6 and rng.random() < 0.6:
                     say("customer", rng.choice(AFTER_SUPERVISOR))
                 csat = rng.choice([2, 3])
             else:
-                if rng.random() < 0.8:
-                    say("customer", rng.choice(PUSHBACKS))
-                    if rng.random() < 0.5:
-                        say("agent", rng.choice(POOR_CLOSINGS))
+                say("agent", rng.choice(POOR_CLOSINGS))
                 csat = rng.choice([1, 1, 2])
         pii: dict[str, list[str]] = {}
         for key in sorted(used & PII_KIND.keys()):
@@ -2731,10 +2764,10 @@ class ChatFactory:
                 continue
             pii.setdefault(PII_KIND[key], []).append(value)
         record = {"channel": "chat", "topic": tpl["topic"], "turns": turns, "csat": csat, "escalated": escalated}
-        return {"record": record, "pii": pii, "used": used & set(self.counters)}
+        return {"record": record, "pii": pii, "drawn": fill.drawn & set(self.counters)}
 
     def accept(self, chat: dict) -> None:
-        for key in chat["used"]:
+        for key in chat["drawn"]:
             self.counters[key] += 1
 
 
@@ -2742,49 +2775,99 @@ def chat_text(record: dict) -> str:
     return "\n".join(turn["text"] for turn in record["turns"])
 
 
+def dedup_view(record: dict, pii: dict[str, list[str]]) -> str:
+    """The chat as the recipe's dedup steps see it: leading agent greetings stripped (read_transcripts drops them)
+    and planted PII replaced by its placeholder (redact_pii). Two chats that differ only in names and numbers are
+    duplicates there, so the similarity checks compare this view rather than the raw text."""
+    turns = record["turns"]
+    start = next((i for i, t in enumerate(turns) if t["speaker"] == "customer"), len(turns))
+    text = "\n".join(t["text"] for t in turns[start:])
+    for kind, values in sorted(pii.items(), key=lambda item: item[0] == "PERSON"):  # names last: emails hold them
+        for value in sorted(values, key=len, reverse=True):
+            text = text.replace(value, f"<{kind}>")
+    return text
+
+
+def single_exchange(record: dict) -> bool:
+    """After any greeting: the customer's question, one agent reply and at most the customer's last word."""
+    speakers = [t["speaker"] for t in record["turns"]]
+    while speakers and speakers[0] == "agent":
+        speakers.pop(0)
+    return speakers[:2] == ["customer", "agent"] and speakers[2:] in ([], ["customer"])
+
+
+def chat_plan(rng: random.Random, templates: list[dict]) -> tuple[list[tuple], list[tuple]]:
+    """(single exchanges, longer chats) to make, as (template, quality, reply index). Each template's single askers
+    get different replies, since two chats with the same prompt and reply would be duplicates after redaction; the
+    longer chats use every reply the single ones left out, and both poor ones."""
+    singles: list[tuple] = []
+    longer: list[tuple] = []
+    short = sorted(rng.sample(range(len(templates)), SHORT_HANDED))
+    fewer = {n: ("poor", "good")[k % 2] for k, n in enumerate(short)}  # one poor reply less, then one good, ...
+    for n, tpl in enumerate(templates):
+        counts = {"good": SINGLE_GOOD, "poor": SINGLE_POOR}
+        if n in fewer:
+            counts[fewer[n]] -= 1
+        for quality, count in counts.items():
+            picked = rng.sample(range(len(tpl[quality])), count)
+            singles += [(tpl, quality, i) for i in picked]
+            longer += [(tpl, quality, i) for i in range(len(tpl[quality])) if quality == "poor" or i not in picked]
+    rng.shuffle(singles)
+    rng.shuffle(longer)
+    return singles, longer
+
+
 def build_template_chats(rng: random.Random) -> list[dict]:
-    """Every reply of every template once, then extra good chats; each kept only if it isn't a near-duplicate of
-    one already kept (templates make that easy to do by accident)."""
+    """The single exchanges, then longer chats (every reply the single ones left out, then extra good chats) up to
+    BASE_CHATS; each kept only if it isn't a near-duplicate of one already kept (templates make that easy to do by
+    accident). A longer chat that cannot be made distinct is skipped and another one planned instead."""
     factory = ChatFactory(rng)
-    templates = factory.templates
-    plan = [(t, q, i) for t in templates for q in ("good", "poor") for i in range(len(t[q]))]
-    while len(plan) < BASE_CHATS:
-        t = rng.choice(templates)
-        plan.append((t, "good", rng.randrange(len(t["good"]))))
-    rng.shuffle(plan)
+    singles, longer = chat_plan(rng, factory.templates)
     kept: list[dict] = []
     kept_shingles: list[set] = []
-    for tpl, quality, idx in plan:
+
+    def make(tpl: dict, quality: str, idx: int, single: bool, attempts: int) -> bool:
         person = factory.customer(tpl)
-        for attempt in range(200):
-            if attempt and attempt % 40 == 0 and quality == "good":  # this reply is worn out: try another
+        for attempt in range(attempts):
+            if attempt and attempt % 40 == 0 and quality == "good" and not single:  # this reply is worn out
                 idx = rng.randrange(len(tpl["good"]))
-            chat = factory.chat(tpl, quality, idx, person)
-            sh = shingles(chat_text(chat["record"]))
+            chat = factory.chat(tpl, quality, idx, person, single)
+            sh = shingles(dedup_view(chat["record"], chat["pii"]))
             if all(jaccard(sh, other) < ACCEPT_MAX_SIMILARITY for other in kept_shingles):
-                break
-        else:
-            raise SystemExit(f"could not make a distinct chat for {tpl['opener']!r}")
-        factory.accept(chat)
-        kept.append(chat)
-        kept_shingles.append(sh)
+                factory.accept(chat)
+                kept.append(chat)
+                kept_shingles.append(sh)
+                return True
+        return False
+
+    for tpl, quality, idx in singles:
+        check(make(tpl, quality, idx, True, 200), f"could not make a distinct single exchange for {tpl['opener']!r}")
+    for tpl, quality, idx in longer:
+        make(tpl, quality, idx, False, 200)
+    skipped = 0
+    while len(kept) < BASE_CHATS:
+        tpl = rng.choice(factory.templates)
+        if not make(tpl, "good", rng.randrange(len(tpl["good"])), False, 40):
+            skipped += 1
+            check(skipped < 200, f"only {len(kept)} distinct template chats, not {BASE_CHATS}")
     return kept
 
 
 def near_copy(rng: random.Random, record: dict) -> dict | None:
-    """The chat with two words swapped in its longest reply, or None if that reply offers too few swaps."""
+    """The chat with NEAR_EDITS words swapped in its longest reply, or None if that reply offers too few swaps."""
     turns = [dict(t) for t in record["turns"]]
     longest = max((t for t in turns if t["speaker"] != "customer"), key=lambda t: len(t["text"]))
     options = [(a, b) for a, b in SWAPS if re.search(rf"\b{re.escape(a)}\b", longest["text"])]
-    if len(options) < 2:
+    if len(options) < NEAR_EDITS:
         return None
-    for a, b in rng.sample(options, 2):
+    for a, b in rng.sample(options, NEAR_EDITS):
         longest["text"] = re.sub(rf"\b{re.escape(a)}\b", b, longest["text"], count=1)
     return {**record, "turns": turns}
 
 
 def build_chats(rng: random.Random) -> tuple[list[dict], dict]:
-    """All chat records in file order, and their ground truth (duplicate groups, languages, junk, PII per chat)."""
+    """All chat records in file order, and their ground truth (duplicate groups, languages, junk, PII per chat, and
+    the single exchanges grouped by their redacted question)."""
     base = build_template_chats(rng)
     order = list(range(len(base)))
     rng.shuffle(order)
@@ -2793,8 +2876,10 @@ def build_chats(rng: random.Random) -> tuple[list[dict], dict]:
         if len(near_pairs) == NEAR_COPIES:
             break
         copy = near_copy(rng, base[i]["record"])
-        if copy and jaccard(shingles(chat_text(copy)), shingles(chat_text(base[i]["record"]))) >= NEAR_MIN_SIMILARITY:
+        if copy and jaccard(shingles(dedup_view(copy, base[i]["pii"])),
+                            shingles(dedup_view(base[i]["record"], base[i]["pii"]))) >= NEAR_MIN_SIMILARITY:
             near_pairs.append((i, {**base[i], "record": copy}))
+    check(len(near_pairs) == NEAR_COPIES, f"only {len(near_pairs)} chats could be copied with small edits")
     taken = {i for i, _ in near_pairs}
     exact_pairs = [(i, base[i]) for i in order if i not in taken][:EXACT_COPIES]
 
@@ -2823,7 +2908,13 @@ def build_chats(rng: random.Random) -> tuple[list[dict], dict]:
         "non_english": {e["id"]: e["kind"] for e in entries if e["kind"] in ("es", "de", "fr")},
         "junk": [e["id"] for e in entries if e["kind"] == "junk"],
         "pii": {e["id"]: e["chat"]["pii"] for e in entries if e["chat"]["pii"]},
+        "single_exchanges": {},
     }
+    for e in entries:  # the rated answers ratings_to_pairs groups: single exchanges by their (redacted) question
+        if e["kind"] == "base" and single_exchange(e["chat"]["record"]):
+            opener = next(t for t in e["chat"]["record"]["turns"] if t["speaker"] == "customer")
+            question = dedup_view({"turns": [opener]}, e["chat"]["pii"])
+            truth["single_exchanges"].setdefault(question, []).append(e["id"])
     records = [{"conversation_id": e["id"], **e["chat"]["record"]} for e in entries]
     return records, truth
 
@@ -2924,6 +3015,7 @@ def build_planted(faq_pairs, chat_truth) -> dict:
         "languages": {**chat_truth["non_english"], **{docs + d: lang for d, lang in DOC_NON_ENGLISH.items()}},
         "junk": [*chat_truth["junk"], *(docs + d for d in DOC_JUNK)],
         "contaminated_faq_questions": [faq_q for _, faq_q in CONTAMINATED],
+        "single_exchanges": chat_truth["single_exchanges"],
         "faq_pairs_per_file": {faq + page: sum(p == page for p, _, _ in faq_pairs)
                                for page in dict.fromkeys(p for p, _, _ in faq_pairs)},
         "boilerplate_docs": [docs + d for d in DOC_BOILERPLATE],
@@ -2933,7 +3025,9 @@ def build_planted(faq_pairs, chat_truth) -> dict:
             "Ids are conversation_id values or paths relative to samples/telecom; 'path::question' names one FAQ "
             "pair. Chat groups list ids in file order; file groups list the original first. PERSON lists full names "
             "and the surnames used in forms like 'Mr. Carter'. The IP inside URL_CREDENTIALS (192.168.1.1) is not "
-            "listed under IP_ADDRESS."
+            "listed under IP_ADDRESS. single_exchanges groups the chats that are one question and one reply (plus "
+            "any greeting and the customer's last word) by the question with its PII replaced by placeholders: each "
+            "group holds replies rated 4-5 and 1-2, the material ratings_to_pairs makes preference pairs from."
         ),
     }
 
@@ -2976,13 +3070,14 @@ def check_docs(doc_files: dict[str, bytes]) -> None:
 
 
 def check_chats(records: list[dict], truth: dict) -> dict:
-    """Planted duplicates are the only duplicates; returns similarity figures for the report."""
+    """Planted duplicates are the only duplicates, as the recipe's dedup steps see the chats, and the single exchanges
+    keep their promise; returns figures for the report."""
     by_id = {r["conversation_id"]: r for r in records}
     for r in records:
         if r["topic"] != "unknown":
             check(2 <= len(r["turns"]) <= 6, f"{r['conversation_id']} has {len(r['turns'])} turns")
         check(r["csat"] in range(1, 6), f"{r['conversation_id']} csat {r['csat']}")
-    sh = {cid: shingles(chat_text(r)) for cid, r in by_id.items()}
+    sh = {cid: shingles(dedup_view(r, truth["pii"].get(cid, {}))) for cid, r in by_id.items()}
     exact = {frozenset(g) for g in truth["exact"]}
     near = {frozenset(g) for g in truth["near"]}
     worst = 0.0
@@ -3001,7 +3096,18 @@ def check_chats(records: list[dict], truth: dict) -> dict:
                 worst = max(worst, sim)
     check(worst < 0.7, f"unplanted chats are {worst:.2f} similar")
     near_sims = [jaccard(sh[a], sh[b]) for a, b in truth["near"]]
-    return {"max_unplanted": worst, "near_min": min(near_sims), "near_max": max(near_sims)}
+
+    english = [r for r in records if r["topic"] != "unknown" and r["conversation_id"] not in truth["non_english"]]
+    single = sum(single_exchange(r) for r in english)
+    check(0.4 <= single / len(english) <= 0.5, f"{single} of {len(english)} English chats are single exchanges")
+    groups = truth["single_exchanges"]
+    check(len(groups) == len(parse_templates(CHAT_TEMPLATES)), f"single exchanges ask {len(groups)} questions")
+    for question, members in groups.items():
+        scores = sorted(by_id[cid]["csat"] for cid in members)
+        check(len(members) >= 3 and scores[0] <= 2 and scores[-1] >= 4,
+              f"{question!r} is asked by {len(members)} single exchanges rated {scores}")
+    return {"max_unplanted": worst, "near_min": min(near_sims), "near_max": max(near_sims), "single": single,
+            "english": len(english), "questions": len(groups)}
 
 
 def check_eval(items: list[dict], faq_files: dict[str, str], faq_pairs, other_text: str) -> None:
@@ -3106,6 +3212,9 @@ def main() -> None:
     print(", ".join(f"{k}: {v}" for k, v in counts.items()))
     print("chat similarity (5-word shingle Jaccard): unplanted max {max_unplanted:.2f}, planted near-duplicates "
           "{near_min:.2f}-{near_max:.2f}".format(**similarity))
+    turn_counts = sorted(Counter(len(c["turns"]) for c in chats).items())
+    print("chats by turns:", ", ".join(f"{n}: {k}" for n, k in turn_counts))
+    print("single exchanges: {single} of {english} English chats, asking {questions} questions".format(**similarity))
     print("PII planted:", ", ".join(f"{k} {len(v)}" for k, v in planted["pii"].items()))
 
 

@@ -134,3 +134,13 @@ def test_num_proc_gives_the_same_files(tmp_path):
     parallel = json.loads((tmp_path / "parallel" / "curation.json").read_text())
     assert parallel["ledger"] == serial["ledger"]
     assert parallel["outputs"] == serial["outputs"]  # same files, same SHA-256
+
+
+def test_list_steps_shows_every_step_with_its_options(capsys):
+    from curation.recipe import step_catalogue
+
+    assert main(["curate", "--list-steps"]) == 0
+    out = capsys.readouterr().out
+    for name in step_catalogue():
+        assert f"\n{name}: " in "\n" + out
+    assert "    threshold = 0.8" in out  # minhash_dedup's default, read from the dataclass

@@ -4,6 +4,7 @@ import pytest
 
 from curation.decontam import Decontaminate
 from curation.steps import CurationError, InputError
+from tests.curation.helpers import run_step as run
 
 # 20 words: 8 distinct 13-grams.
 QUESTION = ("Which element has the atomic number seventy nine and was prized by ancient Egyptian "
@@ -20,14 +21,6 @@ def make_step(tmp_path, **options):
     step = Decontaminate(**{"eval_paths": ["eval.jsonl"], **options})
     step.base_dir = tmp_path
     return step
-
-
-def run(step, records):
-    rejects = []
-    step._sink = lambda record, label, reason: rejects.append((record, reason))
-    kept = list(step.run(records))
-    assert len(kept) + len(rejects) == len(records)
-    return kept, rejects
 
 
 @pytest.fixture

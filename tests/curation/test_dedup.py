@@ -3,20 +3,18 @@ import random
 import numpy as np
 import pytest
 
-from curation.dedup import ExactDedup, MinHasher, MinhashDedup, optimal_bands, shingle_hashes
+from curation.dedup import (
+    ExactDedup,
+    MinhashDedup,
+    MinHasher,
+    optimal_bands,
+    shingle_hashes,
+)
 from curation.records import words
 from curation.steps import CurationError
+from tests.curation.helpers import run_step as run
 
 VOCAB = [f"word{i}" for i in range(3000)]
-
-
-def run(step, records):
-    """Kept records and (record, reason) rejects of one step over ``records``."""
-    rejects = []
-    step._sink = lambda record, label, reason: rejects.append((record, reason))
-    kept = list(step.run(records))
-    assert len(kept) + len(rejects) == len(records)
-    return kept, rejects
 
 
 def doc(rng, n=200):

@@ -1,6 +1,12 @@
 import pytest
 
-from curation.quality import GopherQuality, LengthFilter, duplicate_ngram_chars, duplicate_stats, top_ngram_chars
+from curation.quality import (
+    GopherQuality,
+    LengthFilter,
+    duplicate_ngram_chars,
+    duplicate_stats,
+    top_ngram_chars,
+)
 from curation.steps import REGISTRY, CurationError
 
 GOOD = (

@@ -8,14 +8,11 @@ import pytest
 
 from curation.readers.domain import ReadFaq, ReadTranscripts, shape_conversation
 from curation.steps import CurationError, InputError
+from tests.curation.helpers import run_step
 
 
 def run(step, base, on_error="fail"):
-    step.base_dir = base
-    step.on_error = on_error
-    rejects = []
-    step._sink = lambda rec, label, reason: rejects.append((rec, reason))
-    return list(step.run([])), rejects
+    return run_step(step, base=base, on_error=on_error)
 
 
 def qa(records):

@@ -6,14 +6,12 @@ import pytest
 
 from curation.readers.files import ReadHtml, ReadText, split_front_matter
 from curation.steps import CurationError
+from tests.curation.helpers import run_step
 
 
 def run(step, base):
     """All records a reader yields with base_dir = ``base``, and what it sent to rejects as (record, reason)."""
-    step.base_dir = base
-    rejects = []
-    step._sink = lambda rec, label, reason: rejects.append((rec, reason))
-    return list(step.run([])), rejects
+    return run_step(step, base=base)
 
 
 def test_read_text_markdown_and_plain_text(tmp_path):

@@ -10,9 +10,15 @@ import pytest
 
 from curation.pipeline import Pipeline
 from curation.readers.oasst import ReadOASST
-from curation.readers.public import (ReadAlpaca, ReadHHRLHF, ReadOpenAIChat, ReadShareGPT,
-                                     ReadTRLPreference)
+from curation.readers.public import (
+    ReadAlpaca,
+    ReadHHRLHF,
+    ReadOpenAIChat,
+    ReadShareGPT,
+    ReadTRLPreference,
+)
 from curation.steps import CurationError, InputError
+from tests.curation.helpers import run_step
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -31,10 +37,7 @@ def system(text):
 
 def read(step, on_error="fail"):
     """All records of a reader, and its rejects as (record, reason)."""
-    rejects = []
-    step._sink = lambda rec, label, reason: rejects.append((rec, reason))
-    step.on_error = on_error
-    return list(step.run([])), rejects
+    return run_step(step, on_error=on_error)
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -86,15 +86,20 @@ def _keys(record: dict) -> set[str]:
     return keys
 
 
+def _reasons_by_key(rejects: list[dict]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for rej in rejects:
+        for key in _keys(rej["record"]):
+            out.setdefault(key, set()).add(rej["reason"])
+    return out
+
+
 @pytest.mark.parametrize("group_kind, reasons", [("exact_duplicates", {"exact_duplicate"}),
                                                  ("near_duplicates", {"near_duplicate", "exact_duplicate"})])
 def test_planted_duplicates_are_removed_keeping_one(run, group_kind, reasons):
     _, _, rows, rejects = run
     kept = set().union(*(_keys(r) for r in _all(rows)))
-    dropped = {}
-    for rej in rejects:
-        for key in _keys(rej["record"]):
-            dropped.setdefault(key, set()).add(rej["reason"])
+    dropped = _reasons_by_key(rejects)
     for group in PLANTED[group_kind]:
         # keep-first follows read order (files sorted by name: billing-copy.html comes before billing.html)
         survivors = [m for m in group if m in kept]
@@ -106,10 +111,7 @@ def test_planted_duplicates_are_removed_keeping_one(run, group_kind, reasons):
 def test_non_english_and_contaminated_items_are_dropped_with_their_reason(run):
     _, _, rows, rejects = run
     kept = set().union(*(_keys(r) for r in _all(rows)))
-    by_key = {}
-    for rej in rejects:
-        for key in _keys(rej["record"]):
-            by_key.setdefault(key, set()).add(rej["reason"])
+    by_key = _reasons_by_key(rejects)
     for item in PLANTED["non_english"]:
         assert item not in kept
         assert any(reason.startswith("language:") for reason in by_key.get(item, ())), item
@@ -126,7 +128,10 @@ def test_splits_are_disjoint_by_prompt_and_rows_are_trl_formats(run):
     for kind in ("instruction", "preference"):
         prompts = {split: {normalize(prompt_text(r)) for r in split_rows} for split, split_rows in rows[kind].items()}
         assert not prompts.get("train", set()) & prompts.get("test", set()), kind
-    assert rows["preference"]["train"], "the sample yields preference pairs"
+    assert rows["preference"].get("test"), "held-out preference pairs exist (the reward model is scored on them)"
+    # every question the corpus had answered by several agents with different ratings became a preference prompt
+    pair_prompts = {r["prompt"][-1]["content"] for split in rows["preference"].values() for r in split}
+    assert pair_prompts == set(PLANTED["single_exchanges"])
     for row in rows["preference"]["train"] + rows["instruction"]["train"]:
         assert is_conversational(row)
     for row in rows["preference"]["train"]:
