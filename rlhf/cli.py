@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
+from alignment.cli import align_app, model_app
 from curation.cli import curate
 
 app = typer.Typer(
@@ -23,6 +25,8 @@ def _root() -> None:
 
 
 app.command("curate")(curate)
+app.add_typer(align_app, name="align")
+app.add_typer(model_app, name="model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from curation.steps import CurationError
     from rlhf.config import ConfigError
 
+    user_errors = (CurationError, ConfigError, FileNotFoundError, ValueError)
     saved_argv = sys.argv
     if argv is not None:  # in-process calls (tests, `rlhf run`): manifests record the command as given
         sys.argv = ["rlhf", *argv]
@@ -37,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, prog_name="rlhf")  # click handles usage errors and --help itself (exit codes 2 and 0)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except (CurationError, ConfigError) as e:
+    except user_errors as e:  # bad recipes, missing inputs, invalid values: one line, exit 2
+        if os.environ.get("RLHF_DEBUG"):  # developers get the traceback
+            raise
         typer.echo(f"error: {e}", err=True)
         return 2
     except KeyboardInterrupt:

@@ -144,3 +144,12 @@ def test_list_steps_shows_every_step_with_its_options(capsys):
     for name in step_catalogue():
         assert f"\n{name}: " in "\n" + out
     assert "    threshold = 0.8" in out  # minhash_dedup's default, read from the dataclass
+
+
+def test_rlhf_debug_shows_the_traceback(tmp_path, monkeypatch):
+    recipe = _setup(tmp_path, [""])
+    monkeypatch.setenv("RLHF_DEBUG", "1")
+    from curation.steps import CurationError
+
+    with pytest.raises(CurationError, match="no records read"):
+        main(["curate", str(recipe), "-q"])

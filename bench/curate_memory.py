@@ -1,0 +1,76 @@
+"""Peak memory of `rlhf curate` as the input grows: streaming steps should keep it flat.
+
+    python bench/curate_memory.py --docs 200000 800000
+
+Writes a synthetic JSONL corpus of N documents (sample-like support text, ~700 bytes each) per size, runs a
+streaming recipe (read_jsonl -> fix_text -> gopher_quality -> exact_dedup -> split -> JSONL + Parquet) as a child
+process, and prints its peak RSS. exact_dedup keeps one 16-byte digest per kept record, so it grows by design
+(~16 MB per million documents plus dict overhead); everything else streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("the customer asked about roaming charges and the agent explained that the plan includes calls texts and "
+         "data in Europe with a fair usage limit of twenty gigabytes per month after which a small charge applies "
+         "to every extra megabyte so it is worth checking the app before you travel").split()
+
+RECIPE = """
+name: memory-bench
+steps:
+  - type: read_jsonl
+    paths: {data}
+  - type: fix_text
+  - type: gopher_quality
+  - type: exact_dedup
+  - type: split
+output:
+  dir: {out}
+  formats: [jsonl, parquet]
+"""
+
+
+def write_corpus(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            text = " ".join(rng.choice(WORDS) for _ in range(120)) + f" ticket {i}."
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+
+
+def measure(n: int, work: Path) -> dict:
+    data = work / f"docs-{n}.jsonl"
+    write_corpus(data, n)
+    recipe = work / f"recipe-{n}.yaml"
+    recipe.write_text(RECIPE.format(data=data, out=work / f"out-{n}"))
+    code = ("import resource, sys; from rlhf.cli import main; rc = main(['curate', sys.argv[1], '-q']); "
+            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, check=True)
+    peak_kb = int(out.stdout.split("PEAK_KB")[1].split()[0])
+    return {"docs": n, "input_mb": round(data.stat().st_size / 2**20, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
+            "wall_s": round(time.time() - start, 1), "docs_per_s": round(n / (time.time() - start))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, nargs="+", default=[100_000, 400_000])
+    args = parser.parse_args()
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.docs:
+            print(json.dumps(measure(n, Path(tmp))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
