@@ -117,7 +117,11 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: {e}") from None
 
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.IGNORECASE)
+# A key names a secret when its last word does (hf_token, api_key, client_secret, password); special-token settings
+# (pad_token...) and words that merely contain one (max_new_tokens, tokenizer, author) are ordinary settings, and
+# hiding them would also hide them from run fingerprints.
+_SECRET_KEY = re.compile(r"^(?!(?:pad|eos|bos|unk|sep|cls|mask)_token$)(?:.*[_-])?"
+                         r"(?:token|secret|password|passwd|api[_-]?key|apikey|credentials?|auth)$", re.IGNORECASE)
 REDACTED = "<redacted>"
 
 
@@ -141,9 +145,9 @@ def redact_argv(argv: list[str]) -> list[str]:
             hide_next = False
             continue
         key, sep, _ = arg.partition("=")
-        if sep and _SECRET_KEY.search(key):
+        if sep and _SECRET_KEY.search(key.lstrip("-").rsplit(".", 1)[-1]):
             out.append(f"{key}={REDACTED}")
-        elif arg.startswith("--") and _SECRET_KEY.search(arg):
+        elif arg.startswith("--") and _SECRET_KEY.search(arg.lstrip("-")):
             out.append(arg)
             hide_next = True
         else:

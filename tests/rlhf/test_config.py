@@ -79,3 +79,16 @@ def test_secrets_never_survive_redaction():
     shown = redact_argv(argv)
     assert "hf_abc" not in " ".join(shown) and "s3cret" not in " ".join(shown)
     assert shown[-1] == "seed=1"
+
+
+@pytest.mark.parametrize("key", ["token", "hf_token", "hub-token", "access_token", "api_key", "ARGILLA_API_KEY",
+                                 "apikey", "client_secret", "password", "auth", "credentials"])
+def test_secret_keys_are_hidden(key):
+    assert redact_secrets({key: "x"}) == {key: "<redacted>"}
+
+
+@pytest.mark.parametrize("key", ["max_new_tokens", "tokenizer", "pad_token", "eos_token", "add_special_tokens",
+                                 "author", "tokens_per_second"])
+def test_ordinary_settings_stay_visible(key):
+    """Hiding these would blank them in run records and drop them from run fingerprints."""
+    assert redact_secrets({key: 64}) == {key: 64}
