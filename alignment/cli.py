@@ -80,3 +80,6 @@ def tiny(
 def _sample_corpus() -> list[Path]:
     raw = Path(__file__).resolve().parents[1] / "samples" / "telecom" / "raw"
     return sorted(p for p in raw.rglob("*") if p.suffix in (".md", ".txt", ".jsonl"))
+
+
+register_stage("sft", "alignment.sft", "Supervised fine-tuning (trl.SFTTrainer): chat template, assistant-only loss.")

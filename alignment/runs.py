@@ -1,7 +1,7 @@
 """Run directories and their ``run.json``: what a training stage was given, what it made, and whether re-running it
 would change anything.
 
-A run directory holds ``adapter/`` (or ``model/`` for a full fine-tune), ``tokenizer/``, TensorBoard ``logs/``,
+A run directory holds ``adapter/`` (or ``model/`` for a full fine-tune) with its tokenizer beside the weights, TensorBoard ``logs/``,
 trainer ``checkpoints/`` and ``run.json``: the resolved config (secrets redacted), stage, base model, datasets with
 their fingerprints, the parent run (path + fingerprint of its ``run.json``), package versions, git commit, metrics,
 wall time and status (running / finished / failed).
@@ -305,7 +305,7 @@ class Run:
 
     adapter_dir = property(lambda self: self.dir / "adapter")  # PEFT adapter (save_pretrained)
     model_dir = property(lambda self: self.dir / "model")  # full weights (full fine-tune or merged)
-    tokenizer_dir = property(lambda self: self.dir / "tokenizer")
+    # the tokenizer is saved beside the weights (adapter/ or model/), so either folder loads on its own
     logs_dir = property(lambda self: self.dir / "logs")  # TensorBoard
     checkpoints_dir = property(lambda self: self.dir / "checkpoints")  # Trainer output_dir: checkpoint-N folders
 

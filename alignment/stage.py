@@ -1,0 +1,82 @@
+"""The steps every training stage takes around its TRL trainer: open the run record, decide whether to resume,
+train with TensorBoard logs in the run folder, save the weights with their tokenizer, and close the record.
+
+Each stage module (``sft``, ``reward``, ``dpo``) stays a straight line of TRL/PEFT calls and uses these for the
+parts that must behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from alignment.data import DataConfig, dataset_root
+from alignment.runs import Run, RunError
+from alignment.training import last_checkpoint, log_history_metrics
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+
+def as_data_list(data: Any) -> list[DataConfig]:
+    """A recipe's ``data:`` as a list: one dataset (a mapping) or a mixture (a list of mappings)."""
+    items = data if isinstance(data, list) else [data]
+    out = [d if isinstance(d, DataConfig) else DataConfig(**d) if isinstance(d, dict) else None for d in items]
+    if not out or any(d is None for d in out):
+        raise ValueError(f"data: expected a dataset mapping or a list of them, got {data!r}")
+    return out
+
+
+def open_run(cfg: Any, stage: str, parent: str | None = None) -> Run:
+    """The run record for ``cfg`` (a stage Config with ``output_dir``, ``model``, ``data``, ``overwrite``)."""
+    roots = [dataset_root(d, stage if stage in ("sft", "rm", "dpo") else "prompts") for d in cfg.data]
+    return Run.start(cfg.output_dir, stage, dataclasses.asdict(cfg), model=dataclasses.asdict(cfg.model),
+                     datasets=roots, parent=Path(parent) if parent else None, overwrite=cfg.overwrite)
+
+
+def resume_from(run: Run, resume: bool) -> str | None:
+    """The checkpoint to continue from. An unfinished run with the same inputs is continued only when asked
+    (``--resume``): silently restarting would throw work away, silently resuming would surprise."""
+    if run.action != "resume":
+        return None
+    checkpoint = last_checkpoint(run.dir)
+    if not resume:
+        raise RunError(f"{run.dir} holds an unfinished run with the same inputs: pass --resume to continue it"
+                       f"{' from ' + Path(checkpoint).name if checkpoint else ''}, or --set overwrite=true to start over")
+    return checkpoint
+
+
+def fill_adalora_steps(peft_cfg: Any, train_cfg: Any, n_rows: int) -> None:
+    """AdaLoRA schedules its rank budget over the whole run, so it needs the number of optimizer steps up front."""
+    if peft_cfg.method != "adalora" or peft_cfg.adalora_total_steps is not None:
+        return
+    if train_cfg.max_steps > 0:
+        peft_cfg.adalora_total_steps = train_cfg.max_steps
+    else:
+        per_epoch = math.ceil(n_rows / (train_cfg.batch_size * train_cfg.grad_accum))
+        peft_cfg.adalora_total_steps = max(1, math.ceil(per_epoch * train_cfg.epochs))
+
+
+def train(trainer: Trainer, run: Run, checkpoint: str | None) -> dict[str, Any]:
+    """Train (from ``checkpoint`` when resuming), evaluate when there is an eval set; the metrics for run.json."""
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = {"train_runtime_s": result.metrics.get("train_runtime"), "global_step": result.global_step,
+               **log_history_metrics(trainer.state.log_history)}
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+        if "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    return metrics
+
+
+def save_weights(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run: Run) -> Path:
+    """Adapters go to ``<run>/adapter``, full or partially frozen weights to ``<run>/model``; the tokenizer goes
+    beside them so either folder loads on its own."""
+    from peft import PeftModel
+
+    target = run.adapter_dir if isinstance(model, PeftModel) else run.model_dir
+    model.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    return target
