@@ -63,7 +63,7 @@ class AdapterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if not 0 <= self.dropout < 1:
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
         if isinstance(self.target_modules, str):
             if not self.target_modules.strip():
@@ -75,7 +75,8 @@ class AdapterConfig:
             raise ValueError(f"modules_to_save must be a list of module names; got {self.modules_to_save!r}")
         if not isinstance(self.freeze_trainable_layers, int) or self.freeze_trainable_layers < 0:
             raise ValueError(f"freeze_trainable_layers must be an integer >= 0; got {self.freeze_trainable_layers!r}")
-        if self.adalora_total_steps is not None and self.adalora_total_steps < 1:
+        if self.adalora_total_steps is not None and (not isinstance(self.adalora_total_steps, int)
+                                                     or self.adalora_total_steps < 1):
             raise ValueError(f"adalora_total_steps must be a positive integer; got {self.adalora_total_steps!r}")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r}): AdaLoRA only prunes")
@@ -92,7 +93,9 @@ def peft_config(cfg: AdapterConfig, task_type: str, model: PreTrainedModel) -> p
 
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)}; got {task_type!r}")
-    common: dict[str, Any] = {"task_type": task_type, "modules_to_save": cfg.modules_to_save}
+    # A copy: for SEQ_CLS PEFT appends its head names to this list in place, which would leak into the run record.
+    modules_to_save = list(cfg.modules_to_save) if cfg.modules_to_save is not None else None
+    common: dict[str, Any] = {"task_type": task_type, "modules_to_save": modules_to_save}
     if cfg.method in ("lora", "qlora", "dora", "rslora"):
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                target_modules=cfg.target_modules, use_dora=cfg.method == "dora",
@@ -124,8 +127,8 @@ def ia3_modules(model: PreTrainedModel, target_modules: str | list[str]) -> tupl
     Llama k_proj, v_proj, down_proj, with down_proj a feedforward module (its vector scales the input, i.e. the FFN
     activation, rather than the output). Explicit targets keep the table's feedforward modules they contain.
     """
-    from peft.utils import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
-                            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if target_modules == "all-linear":
@@ -214,7 +217,7 @@ def trainable_summary(model: nn.Module) -> dict[str, Any]:
     if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel: knows Params4bit packs two weights a byte
         trainable, total = model.get_nb_trainable_parameters()
     else:
-        params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+        params = list(model.parameters())  # yields a tied weight once
         trainable = sum(p.numel() for p in params if p.requires_grad)
         total = sum(p.numel() for p in params)
     return {"trainable_params": trainable, "total_params": total,

@@ -83,7 +83,10 @@ def trainer_kwargs(train: TrainConfig, run_dir: Path, has_eval: bool) -> dict[st
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
-        gradient_checkpointing=train.gradient_checkpointing,
+        # transformers 5 renamed gradient_checkpointing; TRL's configs still default the old name to True, so both
+        # are set to keep the recipe's choice (and no deprecation warning)
+        activation_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing=None,
         report_to="none",  # TensorBoard is attached by tensorboard_callback(), writing into <run>/logs
         **_precision_flags(train.precision),
     )

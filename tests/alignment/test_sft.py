@@ -1,0 +1,132 @@
+"""The SFT stage on the tiny model: assistant-only loss, every adapter method, run records, re-runs, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment import sft
+from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
+from alignment.runs import RunError, load_run
+from rlhf.cli import main
+
+QA = [("How do I top up?", "Open the app and tap Top up."),
+      ("Is roaming free in Spain?", "Yes, Spain is in Roam Zone 1."),
+      ("How do I get a PAC code?", "Text PAC to 65075."),
+      ("Why is my bill higher?", "Roaming charges from May.")]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _conversations(tmp_path: Path, n: int = 32) -> Path:
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (QA * n)[:n]]
+    return _write(tmp_path / "conv.jsonl", rows)
+
+
+def _cfg(model_dir, data, out, **over) -> sft.Config:
+    train = {"max_steps": 12, "batch_size": 4, "max_length": 64, "learning_rate": 1e-2, "logging_steps": 1,
+             "save_steps": 100, **over.pop("train", {})}
+    return sft.Config(model={"name_or_path": str(model_dir)}, data=[{"path": str(data)}], output_dir=str(out),
+                      peft=over.pop("peft", {"method": "lora", "r": 8}), train=train, **over)
+
+
+def test_assistant_only_loss_masks_exactly_the_assistant_spans(tiny_model_dir, tmp_path):
+    """Field notes trap 4: the labels TRL trains on are the assistant replies and their end token, nothing else."""
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = load_tokenizer(ModelConfig(str(tiny_model_dir)), require_chat_template=True)
+    model = load_causal_lm(ModelConfig(str(tiny_model_dir)), tokenizer)
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(_conversations(tmp_path, 4)), split="train")
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "o"), assistant_only_loss=True,
+                                                     max_length=64, report_to="none", bf16=False),
+                         train_dataset=ds, processing_class=tokenizer)
+    # the batches the trainer builds (TRL 1.16 applies the template and folds the mask into labels in its collator)
+    for (question, answer), row in zip(QA, trainer.train_dataset):
+        batch = trainer.data_collator([row])
+        trained = batch["input_ids"][0][batch["labels"][0] != -100].tolist()
+        assert tokenizer.decode(trained) == answer + tokenizer.eos_token
+        assert question in tokenizer.decode(batch["input_ids"][0].tolist())
+
+
+def test_sft_learns_records_the_run_and_skips_identical_reruns(tiny_model_dir, tmp_path):
+    data = _conversations(tmp_path)
+    cfg = _cfg(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 40})
+    run_dir = sft.run(cfg)
+    record = load_run(run_dir)
+    assert record["status"] == "finished" and record["stage"] == "sft"
+    metrics = record["metrics"]
+    # LoRA on a random-init base learns slowly (its head and embeddings are frozen and random): measured 6.93 -> 5.98
+    # in 40 steps, where a full fine-tune reaches 1.4; a drop of half a nat per token is far outside noise
+    assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.5
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapter" / "tokenizer.json").is_file()
+    assert list((run_dir / "logs").glob("events.out.tfevents.*"))
+    assert record["datasets"][0]["fingerprint"]
+    # the trained adapter reloads through the run directory and answers better than the base
+    tokenizer = load_tokenizer(ModelConfig(str(run_dir)))
+    tuned = load_causal_lm(ModelConfig(str(run_dir)), tokenizer)
+    base = load_causal_lm(ModelConfig(str(tiny_model_dir)), tokenizer)
+    assert _answer_logprob(tuned, tokenizer, *QA[1]) > _answer_logprob(base, tokenizer, *QA[1]) + 1.0
+    stamp = (run_dir / "run.json").stat().st_mtime_ns
+    assert sft.run(cfg) == run_dir and (run_dir / "run.json").stat().st_mtime_ns == stamp  # finished: no-op
+    with pytest.raises(RunError, match="learning_rate"):
+        sft.run(_cfg(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 40, "learning_rate": 3e-3}))
+
+
+def _answer_logprob(model, tokenizer, question: str, answer: str) -> float:
+    import torch
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt + answer, return_tensors="pt", add_special_tokens=False).input_ids
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    return logprobs[n_prompt - 1:].gather(1, targets[n_prompt - 1:, None]).sum().item()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "rslora", "adalora", "ia3", "loha", "lokr", "full",
+                                    "freeze"])
+def test_every_adapter_method_trains_through_the_stage(tiny_model_dir, tmp_path, method):
+    from safetensors.torch import load_file
+
+    data = _conversations(tmp_path, 16)
+    run_dir = sft.run(_cfg(tiny_model_dir, data, tmp_path / method, peft={"method": method, "r": 4},
+                           train={"max_steps": 6, "learning_rate": 5e-3}))
+    record = load_run(run_dir)
+    assert record["status"] == "finished"
+    assert record["metrics"]["train_loss_last"] < record["metrics"]["train_loss_first"]
+    assert 0 < record["metrics"]["trainable_params"] <= record["metrics"]["total_params"]
+    weights = run_dir / ("model" if method in ("full", "freeze") else "adapter")
+    saved = load_file(str(next(weights.glob("*.safetensors"))))
+    assert saved, f"{method}: nothing saved"
+    if method == "qlora":
+        assert record["config"]["model"]["quantization"] == "nf4"
+
+
+def test_prompt_completion_rows_train_on_the_completion(tiny_model_dir, tmp_path):
+    data = _write(tmp_path / "pc.jsonl", [{"prompt": q + "\n", "completion": a} for q, a in QA * 8])
+    run_dir = sft.run(_cfg(tiny_model_dir, data, tmp_path / "pc", train={"max_steps": 8}))
+    assert load_run(run_dir)["metrics"]["train_loss_last"] < load_run(run_dir)["metrics"]["train_loss_first"]
+
+
+def test_cli_runs_a_recipe_and_reports_bad_keys(tiny_model_dir, tmp_path, capsys):
+    data = _conversations(tmp_path, 8)
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndata:\n  path: {data}\n"
+                      f"output_dir: {tmp_path / 'cli-run'}\ntrain:\n  max_steps: 2\n  batch_size: 2\n"
+                      f"  max_length: 64\n")
+    assert main(["align", "sft", "--config", str(recipe), "--set", "peft.r=4"]) == 0
+    assert load_run(tmp_path / "cli-run")["config"]["peft"]["r"] == 4
+    assert main(["align", "sft", "--config", str(recipe), "--set", "train.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) lr; known keys:" in err and "learning_rate" in err
