@@ -1,0 +1,37 @@
+"""Every shipped recipe loads into its config (curation recipes also build their steps): YAML is the interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "samples").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def _stage(path: Path) -> str:
+    return path.stem.split("-")[0]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_recipe_loads(path):
+    if "steps" in load_yaml(path):
+        from curation.recipe import build_steps, load_recipe
+
+        steps = build_steps(load_recipe(path))
+        assert steps
+        return
+    from alignment.cli import STAGES, load_stage_config
+
+    stage = _stage(path)
+    assert stage in STAGES, f"{path.name}: name stage recipes <stage>[-variant].yaml; stages: {sorted(STAGES)}"
+    cfg = load_stage_config(stage, path)
+    assert cfg.output_dir
+
+
+def test_there_are_recipes_for_every_stage():
+    stems = {_stage(p) for p in RECIPES}
+    assert "curate" in stems
