@@ -302,6 +302,7 @@ class Run:
     record: dict[str, Any]  # the content of run.json
     _t0: float = field(default_factory=time.monotonic, repr=False)  # wall time of this attempt starts here
     _wall_before: float = field(default=0.0, repr=False)  # wall time of earlier attempts (resumed runs)
+    writes: bool = field(default=True, repr=False)  # False on the other ranks of a distributed job: one writer only
 
     adapter_dir = property(lambda self: self.dir / "adapter")  # PEFT adapter (save_pretrained)
     model_dir = property(lambda self: self.dir / "model")  # full weights (full fine-tune or merged)
@@ -360,7 +361,16 @@ class Run:
             self.fail(exc)
         return False  # never swallow the exception
 
+    @classmethod
+    def follow(cls, out_dir: Path | str, action: str) -> Run:
+        """The run as the main process opened it, for the other processes of a distributed job: same directory and
+        action, never writes (each rank opening the run itself would find the main rank's fresh record "running")."""
+        out_dir = Path(out_dir).resolve()
+        return cls(out_dir, action, load_run(out_dir), writes=False)
+
     def _save(self) -> None:
+        if not self.writes:
+            return
         self.record["wall_time_s"] = round(self._wall_before + time.monotonic() - self._t0, 3)
         write_json_atomic(self.dir / RUN_JSON, self.record)
 

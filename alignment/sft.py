@@ -74,7 +74,7 @@ def run(cfg: Config) -> Path:
                              train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                              callbacks=[tensorboard_callback(run_.dir), *adapter_callbacks(cfg.peft)])
         metrics = train(trainer, run_, checkpoint)
-        save_weights(trainer.model, tokenizer, run_)
+        save_weights(trainer, run_)
         run_.finish({**metrics, **trainable_summary(trainer.model), "train_rows": len(train_ds),
                      "eval_rows": len(eval_ds) if eval_ds is not None else 0})
     return run_.dir

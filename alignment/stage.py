@@ -17,7 +17,7 @@ from alignment.runs import Run, RunError
 from alignment.training import last_checkpoint, log_history_metrics
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+    from transformers import Trainer
 
 
 def as_data_list(data: Any) -> list[DataConfig]:
@@ -30,10 +30,31 @@ def as_data_list(data: Any) -> list[DataConfig]:
 
 
 def open_run(cfg: Any, stage: str, parent: str | None = None) -> Run:
-    """The run record for ``cfg`` (a stage Config with ``output_dir``, ``model``, ``data``, ``overwrite``)."""
-    roots = [dataset_root(d, stage if stage in ("sft", "rm", "dpo") else "prompts") for d in cfg.data]
-    return Run.start(cfg.output_dir, stage, dataclasses.asdict(cfg), model=dataclasses.asdict(cfg.model),
-                     datasets=roots, parent=Path(parent) if parent else None, overwrite=cfg.overwrite)
+    """The run record for ``cfg`` (a stage Config with ``output_dir``, ``model``, ``data``, ``overwrite``).
+
+    Under ``accelerate launch`` / ``torchrun`` only the main process opens (and later writes) the record; it tells
+    the other ranks what it decided (run, resume or skip), so every rank takes the same path."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    # The process state is a singleton: the first creation decides the backend. On a machine without CUDA, cpu=True
+    # is what lets torchrun / accelerate launch form a gloo group (otherwise every rank would train alone).
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    decision: list[Any] = [None]
+    if state.is_main_process:
+        roots = [dataset_root(d, stage if stage in ("sft", "rm", "dpo") else "prompts") for d in cfg.data]
+        try:
+            run = Run.start(cfg.output_dir, stage, dataclasses.asdict(cfg), model=dataclasses.asdict(cfg.model),
+                            datasets=roots, parent=Path(parent) if parent else None, overwrite=cfg.overwrite)
+            decision = [run.action]
+        except Exception as e:  # the other ranks must not wait forever for a decision that never comes
+            decision = [e]
+    if state.num_processes > 1:
+        broadcast_object_list(decision)
+    if isinstance(decision[0], Exception):
+        raise decision[0]
+    return run if state.is_main_process else Run.follow(cfg.output_dir, decision[0])
 
 
 def resume_from(run: Run, resume: bool) -> str | None:
@@ -63,6 +84,7 @@ def train(trainer: Trainer, run: Run, checkpoint: str | None) -> dict[str, Any]:
     """Train (from ``checkpoint`` when resuming), evaluate when there is an eval set; the metrics for run.json."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {"train_runtime_s": result.metrics.get("train_runtime"), "global_step": result.global_step,
+               "epoch": trainer.state.epoch, "world_size": trainer.args.world_size,
                **log_history_metrics(trainer.state.log_history)}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -71,12 +93,13 @@ def train(trainer: Trainer, run: Run, checkpoint: str | None) -> dict[str, Any]:
     return metrics
 
 
-def save_weights(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run: Run) -> Path:
-    """Adapters go to ``<run>/adapter``, full or partially frozen weights to ``<run>/model``; the tokenizer goes
-    beside them so either folder loads on its own."""
+def save_weights(trainer: Trainer, run: Run) -> Path:
+    """Adapters go to ``<run>/adapter``, full or partially frozen weights to ``<run>/model``, with the tokenizer
+    beside them so either folder loads on its own. ``Trainer.save_model`` writes from the main process only and
+    gathers sharded weights under FSDP / DeepSpeed ZeRO-3 (reward heads saved empty otherwise: LlamaFactory 1790)."""
     from peft import PeftModel
 
+    model = trainer.accelerator.unwrap_model(trainer.model)
     target = run.adapter_dir if isinstance(model, PeftModel) else run.model_dir
-    model.save_pretrained(str(target))
-    tokenizer.save_pretrained(str(target))
+    trainer.save_model(str(target))
     return target

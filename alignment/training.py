@@ -7,6 +7,7 @@ Stages compose these with TRL directly: no trainer subclass, no factory.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,12 @@ class TrainConfig:
             raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
+def _no_accelerator() -> bool:
+    import torch
+
+    return not torch.accelerator.is_available()
+
+
 def _precision_flags(precision: str) -> dict[str, bool]:
     import torch
 
@@ -88,6 +95,9 @@ def trainer_kwargs(train: TrainConfig, run_dir: Path, has_eval: bool) -> dict[st
         activation_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing=None,
         report_to="none",  # TensorBoard is attached by tensorboard_callback(), writing into <run>/logs
+        # On a machine without an accelerator, use_cpu is what makes TrainingArguments form a gloo process group
+        # under torchrun / accelerate launch (it re-creates accelerate's state with cpu=use_cpu); else ranks train alone.
+        use_cpu=_no_accelerator(),
         **_precision_flags(train.precision),
     )
     kwargs.update(train.extra)
@@ -103,11 +113,24 @@ def tensorboard_callback(run_dir: Path) -> TrainerCallback:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest ``checkpoint-N`` folder of a run (optimizer, scheduler, RNG and data position are in it)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* ``checkpoint-N`` folder of a run (optimizer, scheduler, RNG and data position are in it).
 
+    transformers (5.23, ``Trainer._save_checkpoint``) writes a checkpoint in place, with no temp folder and rename:
+    weights, optimizer, scheduler and RNG state, then ``trainer_state.json`` last, with a plain ``open(..., "w")``.
+    A job killed mid-save leaves a ``checkpoint-N`` without that file, or with half of it, and
+    ``transformers.trainer_utils.get_last_checkpoint`` would still pick it (it only looks at folder names), and
+    ``Trainer.train`` then fails reading that state on every attempt: the run could never be resumed. A checkpoint
+    counts once its trainer_state.json parses (field notes trap 8)."""
     folder = run_dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    steps = sorted(((int(p.name.removeprefix("checkpoint-")), p) for p in folder.glob("checkpoint-*")
+                    if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()), reverse=True)
+    for _, checkpoint in steps:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return str(checkpoint)
+    return None
 
 
 def log_history_metrics(log_history: list[dict]) -> dict[str, Any]:
