@@ -91,6 +91,9 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
     run_json = Path(name_or_path) / "run.json"
     if not run_json.is_file():
         return name_or_path, None
+    full = Path(name_or_path) / "model"
+    if full.is_dir() and not (Path(name_or_path) / "adapter").is_dir():
+        return str(full), None  # a full or partly frozen fine-tune: its trained weights, not the base it started from
     try:
         base = json.loads(run_json.read_text(encoding="utf-8"))["model"]["name_or_path"]
     except (json.JSONDecodeError, KeyError, TypeError):

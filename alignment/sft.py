@@ -61,8 +61,8 @@ def run(cfg: Config) -> Path:
     run_ = open_run(cfg, "sft")
     if run_.action == "skip":
         return run_.dir
+    checkpoint = resume_from(run_, cfg.resume)  # refused before `with`: a refusal does not mark the run failed
     with run_:
-        checkpoint = resume_from(run_, cfg.resume)
         set_seed(cfg.train.seed)
         train_ds = load_mixture(cfg.data, "sft", cfg.train.seed)
         eval_ds = load_mixture(cfg.data, "sft", cfg.train.seed, eval=True)

@@ -35,7 +35,7 @@ steps:
   - type: split
 output:
   dir: {out}
-  formats: [jsonl, parquet]
+  formats: {formats}
 """
 
 
@@ -47,28 +47,31 @@ def write_corpus(path: Path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"id": i, "text": text}) + "\n")
 
 
-def measure(n: int, work: Path) -> dict:
+def measure(n: int, work: Path, formats: str, dedup: bool) -> dict:
     data = work / f"docs-{n}.jsonl"
     write_corpus(data, n)
     recipe = work / f"recipe-{n}.yaml"
-    recipe.write_text(RECIPE.format(data=data, out=work / f"out-{n}"))
+    text = RECIPE.format(data=data, out=work / f"out-{n}", formats=formats)
+    recipe.write_text(text if dedup else text.replace("  - type: exact_dedup\n", ""))
     code = ("import resource, sys; from rlhf.cli import main; rc = main(['curate', sys.argv[1], '-q']); "
             "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     start = time.time()
     out = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, check=True)
     peak_kb = int(out.stdout.split("PEAK_KB")[1].split()[0])
-    return {"docs": n, "input_mb": round(data.stat().st_size / 2**20, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
+    return {"docs": n, "formats": formats, "exact_dedup": dedup, "input_mb": round(data.stat().st_size / 2**20, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
             "wall_s": round(time.time() - start, 1), "docs_per_s": round(n / (time.time() - start))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, nargs="+", default=[100_000, 400_000])
+    parser.add_argument("--formats", default="[jsonl, parquet]", help="output formats, as YAML")
+    parser.add_argument("--no-dedup", action="store_true", help="leave exact_dedup out of the recipe")
     args = parser.parse_args()
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.docs:
-            print(json.dumps(measure(n, Path(tmp))), flush=True)
+            print(json.dumps(measure(n, Path(tmp), args.formats, not args.no_dedup)), flush=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,15 @@ def test_every_adapter_method_trains_through_the_stage(tiny_model_dir, tmp_path,
     assert saved, f"{method}: nothing saved"
     if method == "qlora":
         assert record["config"]["model"]["quantization"] == "nf4"
+    if method in ("full", "freeze"):  # the run folder loads its trained weights, not the base it started from
+        import torch
+
+        tokenizer = load_tokenizer(ModelConfig(str(run_dir)))
+        tuned = load_causal_lm(ModelConfig(str(run_dir)), tokenizer)
+        base = load_causal_lm(ModelConfig(str(tiny_model_dir)), tokenizer)
+        ids = tokenizer("Is roaming free?", return_tensors="pt").input_ids
+        with torch.no_grad():
+            assert not torch.allclose(tuned(ids).logits, base(ids).logits)
 
 
 def test_prompt_completion_rows_train_on_the_completion(tiny_model_dir, tmp_path):
