@@ -83,3 +83,24 @@ def _sample_corpus() -> list[Path]:
 
 
 register_stage("sft", "alignment.sft", "Supervised fine-tuning (trl.SFTTrainer): chat template, assistant-only loss.")
+
+
+@align_app.command("merge")
+def merge_command(
+    run: Annotated[Path, typer.Argument(help="A finished alignment run folder (holds run.json and adapter/)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged model (new or empty)")],
+    dtype: Annotated[str, typer.Option(help="auto (the run's base dtype, never 4-bit), bfloat16, float16, float32")]
+    = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier merge in --out")] = False,
+) -> None:
+    """Merge a run's adapter into its full-precision base and save a standalone model (safetensors + tokenizer)."""
+    from alignment import merge
+
+    path = merge.run(merge.Config(run_dir=str(run), output_dir=str(out), dtype=dtype, overwrite=overwrite))
+    typer.echo(f"merged model: {path}")
+
+
+register_stage("dpo", "alignment.dpo", "Direct preference optimisation (trl.DPOTrainer) from an SFT run; the "
+               "reference is the SFT policy, without a second model copy.")
+register_stage("rm", "alignment.reward", "Reward model (trl.RewardTrainer): the score head trains and saves with the "
+               "adapter; held-out accuracy and margin in run.json.")

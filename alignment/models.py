@@ -189,10 +189,11 @@ def _prepare(model: PreTrainedModel, cfg: ModelConfig, adapter: str | None, trai
     """Make a quantised model trainable, then put the run's adapter (if any) on top, frozen unless training."""
     if cfg.quantization and training:
         # Casts the unquantised weights (norms, embeddings) to fp32 and enables input grads so gradient
-        # checkpointing works through frozen 4-bit layers (the QLoRA recipe; peft docs).
+        # checkpointing works through frozen 4-bit layers (the QLoRA recipe; peft docs). Whether checkpointing is on
+        # is the recipe's train.gradient_checkpointing, applied by the trainer, not PEFT's default (on).
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter:
         from peft import PeftModel
 

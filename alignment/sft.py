@@ -8,6 +8,7 @@ perplexity on the held-out split.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ def run(cfg: Config) -> Path:
                              train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                              callbacks=[tensorboard_callback(run_.dir), *adapter_callbacks(cfg.peft)])
         metrics = train(trainer, run_, checkpoint)
+        if "eval_loss" in metrics:  # per-token cross-entropy on held-out assistant tokens
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         save_weights(trainer, run_)
         run_.finish({**metrics, **trainable_summary(trainer.model), "train_rows": len(train_ds),
                      "eval_rows": len(eval_ds) if eval_ds is not None else 0})

@@ -88,8 +88,6 @@ def train(trainer: Trainer, run: Run, checkpoint: str | None) -> dict[str, Any]:
                **log_history_metrics(trainer.state.log_history)}
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-        if "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     return metrics
 
 

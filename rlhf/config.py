@@ -18,6 +18,22 @@ class ConfigError(Exception):
     """A mistake in a recipe or an override; its message names the file, the field and what is allowed."""
 
 
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2's float rule: PyYAML follows YAML 1.1, where ``3e-4`` (no dot) is a
+    string, and a learning rate written that way would fail validation or, worse, be compared as text."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                   r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."))
+    return Loader
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -28,7 +44,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise ConfigError(f"recipe is a folder, not a YAML file: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -46,7 +62,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {item!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_yaml_loader()) if raw.strip() else ""  # noqa: S506 - SafeLoader
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value

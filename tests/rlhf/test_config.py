@@ -30,6 +30,9 @@ def test_override_values_are_parsed_as_yaml():
     assert parse_override("flag=true") == (["flag"], True)
     assert parse_override("xs=[1, 2]") == (["xs"], [1, 2])
     assert parse_override("path=out/x") == (["path"], "out/x")
+    # YAML 1.1 (PyYAML) reads 3e-2 as a string; recipes follow YAML 1.2 here
+    assert parse_override("lr=3e-2") == (["lr"], 0.03) and parse_override("lr=1E4") == (["lr"], 10000.0)
+    assert parse_override("v=1.5") == (["v"], 1.5) and parse_override("name=e5") == (["name"], "e5")
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("novalue")
 
@@ -92,3 +95,9 @@ def test_secret_keys_are_hidden(key):
 def test_ordinary_settings_stay_visible(key):
     """Hiding these would blank them in run records and drop them from run fingerprints."""
     assert redact_secrets({key: 64}) == {key: 64}
+
+
+def test_scientific_notation_in_recipe_files(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  learning_rate: 3e-4\n  version: 1.10\n  tag: 2e\n")
+    assert load_yaml(path) == {"train": {"learning_rate": 3e-4, "version": 1.1, "tag": "2e"}}
