@@ -32,7 +32,7 @@ from alignment.adapters import AdapterConfig, prepare, trainable_summary, wants_
 from alignment.data import DataConfig, load_mixture
 from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
 from alignment.runs import RunError, load_run
-from alignment.stage import as_data_list, open_run, resume_from, save_weights, train
+from alignment.stage import check_common, open_run, resume_from, save_weights, train
 from alignment.training import TrainConfig, tensorboard_callback, trainer_kwargs
 from rlhf.config import ConfigError
 
@@ -71,15 +71,9 @@ class Config:
     model: ModelConfig | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.peft, dict):
-            self.peft = AdapterConfig(**self.peft)
-        if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
-        self.data = as_data_list(self.data)
+        check_common(self)
         if not isinstance(self.parent, str) or not self.parent:
             raise ValueError(f"parent: expected the folder of a finished SFT run, got {self.parent!r}")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"output_dir: expected a folder for the run, got {self.output_dir!r}")
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta <= 0:
             raise ValueError(f"beta: expected a number > 0, got {self.beta!r}")
         losses = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignment.adapters import ADAPTER_METHODS, AdapterConfig, adapter_callbacks, prepare, trainable_summary, wants_4bit
+from alignment.adapters import ADAPTER_METHODS, AdapterConfig, adapter_callbacks, prepare, trainable_summary
 from alignment.data import DataConfig, load_mixture
 from alignment.models import ModelConfig, load_sequence_classifier, load_tokenizer, resolve_model_path
 from alignment.runs import load_run
-from alignment.stage import as_data_list, fill_adalora_steps, open_run, resume_from, save_weights, train
+from alignment.stage import check_common, fill_adalora_steps, open_run, resume_from, save_weights, train
 from alignment.training import TrainConfig, tensorboard_callback, trainer_kwargs
 from rlhf.config import ConfigError
 
@@ -54,22 +54,12 @@ class Config:
     overwrite: bool = False  # replace a finished run whose inputs differ
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
-        if isinstance(self.peft, dict):
-            self.peft = AdapterConfig(**self.peft)
-        if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
-        self.data = as_data_list(self.data)
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"output_dir: expected a folder for the run, got {self.output_dir!r}")
+        check_common(self)
         if self.parent is not None and (not isinstance(self.parent, str) or not self.parent.strip()):
             raise ValueError(f"parent: expected an SFT run folder, got {self.parent!r}")
         coef = self.center_rewards_coefficient
         if coef is not None and (isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0):
             raise ValueError(f"center_rewards_coefficient: expected a number >= 0 or null, got {coef!r}")
-        if wants_4bit(self.peft) and self.model.quantization is None:
-            self.model.quantization = "nf4"  # QLoRA means a 4-bit NF4 base (Dettmers et al. 2023)
         if self.peft.method in ADAPTER_METHODS and SCORE_HEAD not in (self.peft.modules_to_save or []):
             # trap 3: the fresh head must train and be saved beside the adapter (huggingface/trl 1379, 937)
             self.peft.modules_to_save = [*(self.peft.modules_to_save or []), SCORE_HEAD]

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignment.adapters import AdapterConfig, adapter_callbacks, prepare, trainable_summary, wants_4bit
+from alignment.adapters import AdapterConfig, adapter_callbacks, prepare, trainable_summary
 from alignment.data import DataConfig, load_mixture
 from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
-from alignment.stage import as_data_list, fill_adalora_steps, open_run, resume_from, save_weights, train
+from alignment.stage import check_common, fill_adalora_steps, open_run, resume_from, save_weights, train
 from alignment.training import TrainConfig, tensorboard_callback, trainer_kwargs
 
 
@@ -33,17 +33,7 @@ class Config:
     overwrite: bool = False  # replace a finished run whose inputs differ
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
-        if isinstance(self.peft, dict):
-            self.peft = AdapterConfig(**self.peft)
-        if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
-        self.data = as_data_list(self.data)
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"output_dir: expected a folder for the run, got {self.output_dir!r}")
-        if wants_4bit(self.peft) and self.model.quantization is None:
-            self.model.quantization = "nf4"  # QLoRA means a 4-bit NF4 base (Dettmers et al. 2023)
+        check_common(self)
 
 
 def _sft_args(cfg: Config, run_dir: Path, has_eval: bool, conversational: bool) -> Any:

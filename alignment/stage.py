@@ -29,6 +29,25 @@ def as_data_list(data: Any) -> list[DataConfig]:
     return out
 
 
+def check_common(cfg: Any) -> None:
+    """The sections every stage Config shares, for Python callers that pass mappings (recipes arrive as dataclasses
+    already): ``model``/``peft``/``train`` become their dataclasses, ``data`` a list, ``output_dir`` must be set, and
+    QLoRA implies a 4-bit NF4 base (Dettmers et al. 2023)."""
+    from alignment.adapters import AdapterConfig, wants_4bit
+    from alignment.models import ModelConfig
+    from alignment.training import TrainConfig
+
+    for name, cls in (("model", ModelConfig), ("peft", AdapterConfig), ("train", TrainConfig)):
+        if isinstance(getattr(cfg, name, None), dict):
+            setattr(cfg, name, cls(**getattr(cfg, name)))
+    cfg.data = as_data_list(cfg.data)
+    if not isinstance(cfg.output_dir, str) or not cfg.output_dir:
+        raise ValueError(f"output_dir: expected a folder for the run, got {cfg.output_dir!r}")
+    model, peft = getattr(cfg, "model", None), getattr(cfg, "peft", None)
+    if model is not None and peft is not None and wants_4bit(peft) and model.quantization is None:
+        model.quantization = "nf4"
+
+
 def open_run(cfg: Any, stage: str, parent: str | None = None) -> Run:
     """The run record for ``cfg`` (a stage Config with ``output_dir``, ``model``, ``data``, ``overwrite``).
 
