@@ -80,6 +80,15 @@ class FormatInstructions(Step):
     style: str = "messages"  # messages | prompt_completion (conversational) | text_prompt_completion (plain strings)
     system_prompt: str | None = None  # prepended as a system turn to conversations that have none
 
+    def _with_system_prompt(self, record: Record) -> Record:
+        """Preference and ranking prompts get the same system prompt as the SFT conversations: a policy tuned with
+        it and then preference-trained without it would learn from prompts it is never served."""
+        prompt = record.get("prompt")
+        if not self.system_prompt or not isinstance(prompt, list) or any(m["role"] == "system" for m in prompt):
+            return record
+        self.counters["system_prompt_added"] += 1
+        return {**record, "prompt": [message("system", self.system_prompt), *prompt]}
+
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise CurationError(f"style: expected one of {', '.join(STYLES)}, got {self.style!r}")
@@ -94,7 +103,7 @@ class FormatInstructions(Step):
     def run(self, records: Iterable[Record]) -> Iterator[Record]:
         for record in records:
             if "messages" not in record:  # documents, preference rows, rankings, ready prompt-completion rows
-                yield record
+                yield self._with_system_prompt(record)
                 continue
             out = self.format(record)
             if isinstance(out, str):

@@ -329,3 +329,16 @@ def test_a_formatting_pipeline_reconciles_and_emits_only_trl_rows():
         assert_trl_row(row, kind, {"split"} | ({"score"} if "score" in row else set()))
     assert kinds == {"preference": 3 + 5, "prompt_completion": 5}
     assert pipeline.ledger.dropped == 2  # the unanswered chat and the all-tied ranking
+
+
+def test_system_prompt_reaches_preference_prompts_too():
+    """SFT rows and preference rows must share the prompt format the policy is served with."""
+    step = FormatInstructions(system_prompt="Be brief.")
+    pair = {"id": "p", "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    has_system = {**pair, "prompt": [{"role": "system", "content": "Other."}, {"role": "user", "content": "q"}]}
+    text_pc = {"id": "t", "prompt": "q", "completion": "a"}
+    out = list(step.run([pair, has_system, text_pc]))
+    assert out[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    assert out[1] == has_system and out[2] == text_pc
+    assert step.counters["system_prompt_added"] == 1
