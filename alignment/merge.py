@@ -75,9 +75,16 @@ def adapter_dir(run_dir: Path, record: dict[str, Any]) -> Path:
     raise RunError(f"{run_dir}: no adapter/adapter_config.json, so there is no adapter to merge")
 
 
-def _method(record: dict[str, Any]) -> str:
+def _method(record: dict[str, Any], adapter: Path | None = None) -> str:
+    """The adapter method from the recipe, else (a DPO run continuing its parent's adapter has no `peft` section)
+    from the saved adapter's own config."""
     peft = record["config"].get("peft")
-    return peft.get("method", "?") if isinstance(peft, dict) else "?"
+    if isinstance(peft, dict) and peft.get("method"):
+        return peft["method"]
+    config = adapter / "adapter_config.json" if adapter else None
+    if config is not None and config.is_file():
+        return str(json.loads(config.read_text()).get("peft_type", "unknown")).lower()
+    return "unknown"
 
 
 def is_classifier(record: dict[str, Any], adapter: Path) -> bool:
@@ -136,7 +143,8 @@ def _record(run_dir: Path, record: dict[str, Any], fingerprint: str, model: PreT
     return {"format": FORMAT, "stage": "merge",
             "merged_from": {"path": str(run_dir), "stage": record["stage"], "fingerprint": fingerprint},
             "base": {"name_or_path": record["model"].get("name_or_path"), "revision": record["model"].get("revision")},
-            "method": _method(record), "dtype_requested": cfg.dtype, "dtype": str(model.dtype).removeprefix("torch."),
+            "method": _method(record, run_dir / "adapter"), "dtype_requested": cfg.dtype,
+            "dtype": str(model.dtype).removeprefix("torch."),
             "architecture": type(model).__name__, "versions": versions(VERSION_PACKAGES), "git_commit": git_commit(),
             "command": shlex.join(redact_argv(sys.argv)),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_time_s": round(wall, 3)}
