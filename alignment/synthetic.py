@@ -5,8 +5,9 @@ The rule: a customer asks about one Northwind product by name; a good answer nam
 the same sentence about a different product (a support bot confusing plans). Chosen and rejected differ only in the
 product name, so a reward model or a DPO policy can only tell them apart by matching the answer to the prompt: no
 length, style or wording shortcut (Singhal et al. 2023, "A long way to go", on reward models learning length instead
-of the preference). Product names come from the telecom sample, so the tiny tokenizer trained on it splits them into
-few tokens.
+of the preference). Minimal pairs are also where plain DPO can lower the chosen answer's likelihood with the rejected
+one's (Pal et al. 2024, "Smaug"); tests/alignment/test_proof.py measures it and trains with the fix. Product names
+come from the telecom sample, so the tiny tokenizer trained on it splits them into few tokens.
 
 Held-out prompts are disjoint from training prompts twice over: no prompt text is shared, and no (question, product)
 combination either, so a model that passes on the test split has learned the rule rather than memorised which answer
@@ -39,7 +40,8 @@ QUESTIONS = (
     ("Can I move to {p}?", "Yes, you can move to {p} from the app at any time."),
     ("Where can I see my {p} usage?", "Your {p} usage is in the app under Usage."),
 )
-OPENERS = ("", "Hi.", "Hello!", "Quick question:", "Good morning.", "Sorry to bother you.", "Hey there.", "Help please.")
+OPENERS = ("", "Hi.", "Hello!", "Quick question:", "Good morning.", "Sorry to bother you.", "Hey there.",
+           "Help please.")
 CLOSERS = ("", "Thanks.", "Cheers!", "Thank you so much.")
 # A (question, product) cell is held out when (question index + product index) % HOLDOUT == seed % HOLDOUT: every
 # question and every product still appears in training, only their combination is new at test time.
@@ -93,23 +95,25 @@ def _rows(split: str, n: int, seed: int) -> list[dict]:
 
 def _instruction(record: dict) -> dict:
     """The SFT view of a preference record: the prompt and its correct answer as one conversation."""
-    return {**{k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")},
-            "messages": record["prompt"] + record["chosen"]}
+    kept = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "meta")}
+    meta = {k: v for k, v in record["meta"].items() if k != "wrong_product"}
+    return {**kept, "meta": meta, "messages": record["prompt"] + record["chosen"]}
 
 
-def make_preference_task(out_dir: str | Path, n_train: int = 256, n_test: int = 64, seed: int = 0) -> Path:
-    """Write the task to ``out_dir`` as a curated folder; returns it. Deterministic: the same arguments give
+def make_preference_task(out_dir: str | Path, n_train: int = 1024, n_test: int = 128, seed: int = 0) -> Path:
+    """Write the task to ``out_dir`` as a curated folder; returns it. ``n_train`` (at most 1536) and ``n_test`` (at
+    most 512) rows go into both ``preference/`` and ``instruction/``. Deterministic: the same arguments give
     byte-identical data files."""
     for name, value in (("n_train", n_train), ("n_test", n_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    records = _rows("train", n_train, seed) + _rows("test", n_test, seed)  # checks the sizes before writing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = DatasetWriter(out, ["jsonl"])  # curation's own writer: identical columns and file hashes
-    for split, n in (("train", n_train), ("test", n_test)):
-        for record in _rows(split, n, seed):
-            writer.write(record)
-            writer.write(_instruction(record))
+    for record in records:
+        writer.write(record)
+        writer.write(_instruction(record))
     manifest = {
         "name": "synthetic-product-rule",
         "command": None,
