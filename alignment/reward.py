@@ -119,12 +119,12 @@ def parent_adapter(cfg: Config) -> str | None:
     if not (Path(cfg.parent) / "run.json").is_file():
         raise ConfigError(f"parent: {cfg.parent} is not a run folder (no run.json)")
     base, adapter = resolve_model_path(cfg.parent)
-    if not _same_model(base, cfg.model.name_or_path):
-        raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path!r} is not the base of parent {cfg.parent} "
-                          f"({base!r}); its adapter only fits that base")
+    if not _same_model(base, resolve_model_path(cfg.model.name_or_path)[0]):
+        what = "base" if adapter else "weights (model/)"
+        raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path!r} is not the {what} of parent {cfg.parent} "
+                          f"({base!r})")
     if adapter is None:
-        raise ConfigError(f"parent: {cfg.parent} has no adapter/ (a full fine-tune); name its model/ folder as "
-                          "model.name_or_path and leave parent out")
+        return None  # a full fine-tune: the reward model starts from its weights, named as the model
     if cfg.peft.method in ADAPTER_METHODS:
         recorded = load_run(Path(cfg.parent))["config"].get("peft") or {}
         diffs = [f"peft.{k}: parent {recorded.get(k)!r}, recipe {getattr(cfg.peft, k)!r}" for k in ADAPTER_SHAPE

@@ -58,11 +58,14 @@ def test_reward_model_ranks_held_out_pairs_by_the_rule(sft_run, task, tmp_path):
     # Full fine-tune from the SFT weights, as InstructGPT initialises its RM from the SFT model (Ouyang et al. 2022,
     # sec. 3.5): from the random base the same 100 steps reached 0.73, from SFT 0.97. 150 steps at lr 1e-3 measured
     # 0.97-1.00 held-out accuracy over four seeds (100 steps: 0.92-1.00; batch 8: 0.80), in about 6 s.
-    run_dir = reward.run(reward.Config(model={"name_or_path": str(sft_run / "model")}, data=[{"path": str(task)}],
-                                       output_dir=str(tmp_path / "rm"), peft={"method": "full"},
+    run_dir = reward.run(reward.Config(model={"name_or_path": str(sft_run / "model")}, parent=str(sft_run),
+                                       data=[{"path": str(task)}], output_dir=str(tmp_path / "rm"),
+                                       peft={"method": "full"},
                                        train={"max_steps": 150, "learning_rate": 1e-3, "batch_size": BATCH,
                                               "max_length": MAX_LENGTH, "logging_steps": 10, "save_steps": 1000}))
-    metrics = load_run(run_dir)["metrics"]
+    record = load_run(run_dir)
+    assert record["parent"]["path"] == str(sft_run.resolve())  # lineage: this reward model started from that SFT
+    metrics = record["metrics"]
     assert metrics["eval_pairs"] == N_TEST
     assert metrics["eval_accuracy"] >= 0.9, metrics
     assert metrics["eval_margin"] > 1.0
