@@ -90,6 +90,10 @@ def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
     earlier run's adapter."""
     run_json = Path(name_or_path) / "run.json"
     if not run_json.is_file():
+        local = Path(name_or_path).expanduser()
+        if (local.is_absolute() or name_or_path.startswith((".", "~"))) and not local.exists():
+            # only a folder can look like this, so don't let from_pretrained report it as a bad Hub repo id
+            raise ConfigError(f"model folder not found: {name_or_path}")
         return name_or_path, None
     full = Path(name_or_path) / "model"
     if full.is_dir() and not (Path(name_or_path) / "adapter").is_dir():

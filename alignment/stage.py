@@ -34,7 +34,7 @@ def check_common(cfg: Any) -> None:
     already): ``model``/``peft``/``train`` become their dataclasses, ``data`` a list, ``output_dir`` must be set, and
     QLoRA implies a 4-bit NF4 base (Dettmers et al. 2023)."""
     from alignment.adapters import AdapterConfig, wants_4bit
-    from alignment.models import ModelConfig
+    from alignment.models import ModelConfig, resolve_model_path
     from alignment.training import TrainConfig
 
     for name, cls in (("model", ModelConfig), ("peft", AdapterConfig), ("train", TrainConfig)):
@@ -44,6 +44,8 @@ def check_common(cfg: Any) -> None:
     if not isinstance(cfg.output_dir, str) or not cfg.output_dir:
         raise ValueError(f"output_dir: expected a folder for the run, got {cfg.output_dir!r}")
     model, peft = getattr(cfg, "model", None), getattr(cfg, "peft", None)
+    if model is not None:
+        resolve_model_path(model.name_or_path)  # a missing model folder fails here, before any run folder exists
     if model is not None and peft is not None and wants_4bit(peft) and model.quantization is None:
         model.quantization = "nf4"
 

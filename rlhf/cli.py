@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from curation.steps import CurationError
     from rlhf.config import ConfigError
 
-    user_errors = (CurationError, ConfigError, FileNotFoundError, ValueError)
+    # OSError covers what from_pretrained raises for a model folder that isn't there or a Hub id it cannot reach
+    user_errors = (CurationError, ConfigError, OSError, ValueError)
     saved_argv = sys.argv
     if argv is not None:  # in-process calls (tests, `rlhf run`): manifests record the command as given
         sys.argv = ["rlhf", *argv]

@@ -151,3 +151,15 @@ def test_packing_fills_blocks_and_trains(tiny_model_dir, tmp_path):
     assert record["metrics"]["train_loss_last"] < record["metrics"]["train_loss_first"]
     # 32 conversations of ~25 tokens fit in ~7 blocks of 128: one step of 4 packed rows covers > 4 conversations
     assert record["metrics"]["epoch"] > 4 * 4 / 32
+
+
+def test_a_model_that_cannot_be_loaded_is_one_clear_line(tmp_path, capsys):
+    data = _conversations(tmp_path, 4)
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"model:\n  name_or_path: {tmp_path / 'no-such-model'}\ndata:\n  path: {data}\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["align", "sft", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: model folder not found: {tmp_path / 'no-such-model'}"
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before a run folder was made: fixing the recipe just works
