@@ -9,6 +9,7 @@ import typer
 
 from alignment.cli import align_app, model_app
 from curation.cli import curate
+from feedback.cli import feedback_app
 
 app = typer.Typer(
     name="rlhf",
@@ -27,6 +28,7 @@ def _root() -> None:
 app.command("curate")(curate)
 app.add_typer(align_app, name="align")
 app.add_typer(model_app, name="model")
+app.add_typer(feedback_app, name="feedback")
 
 
 def main(argv: list[str] | None = None) -> int:
