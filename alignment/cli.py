@@ -41,7 +41,23 @@ def _run_stage(stage: str, config: Path, set_: list[str] | None, resume: bool) -
     module = importlib.import_module(STAGES[stage])
     cfg = load_stage_config(stage, config, (set_ or []) + (["resume=true"] if resume else []))
     run_dir = module.run(cfg)
+    _leave_process_group()
     typer.echo(f"{stage} run: {run_dir}")
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch, ranks meet once more and close the group before exiting: a rank that
+    exits while its peer still holds the gloo/NCCL connection can make the peer abort (seen: SIGABRT when both
+    ranks skipped a finished run and returned at once)."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _stage_command(stage: str, doc: str):
