@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignment.adapters import AdapterConfig, prepare, trainable_summary, wants_4bit
+from alignment.adapters import AdapterConfig, prepare, trainable_summary
 from alignment.data import DataConfig, load_mixture
 from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
 from alignment.runs import RunError, load_run
-from alignment.stage import check_common, open_run, resume_from, save_weights, train
+from alignment.stage import apply_qlora_base, check_common, open_run, resume_from, save_weights, train
 from alignment.training import TrainConfig, tensorboard_callback, trainer_kwargs
 from rlhf.config import ConfigError
 
@@ -117,8 +117,7 @@ def resolve_parent(cfg: Config) -> None:
         raise ConfigError(f"parent: {cfg.parent} holds neither adapter/ nor model/ weights")
     cfg.model = dataclasses.replace(model, name_or_path=str(weights.resolve()), revision=None)
     cfg.peft = cfg.peft or AdapterConfig()
-    if wants_4bit(cfg.peft) and cfg.model.quantization is None:
-        cfg.model.quantization = "nf4"  # QLoRA means a 4-bit NF4 base (Dettmers et al. 2023)
+    apply_qlora_base(cfg.model, cfg.peft)
 
 
 def reference_kind(cfg: Config) -> str:

@@ -29,11 +29,19 @@ def as_data_list(data: Any) -> list[DataConfig]:
     return out
 
 
+def apply_qlora_base(model: Any, peft: Any) -> None:
+    """QLoRA means a 4-bit NF4 base (Dettmers et al. 2023): set it on the model section unless the recipe chose one."""
+    from alignment.adapters import wants_4bit
+
+    if model is not None and peft is not None and wants_4bit(peft) and model.quantization is None:
+        model.quantization = "nf4"
+
+
 def check_common(cfg: Any) -> None:
     """The sections every stage Config shares, for Python callers that pass mappings (recipes arrive as dataclasses
     already): ``model``/``peft``/``train`` become their dataclasses, ``data`` a list, ``output_dir`` must be set, and
     QLoRA implies a 4-bit NF4 base (Dettmers et al. 2023)."""
-    from alignment.adapters import AdapterConfig, wants_4bit
+    from alignment.adapters import AdapterConfig
     from alignment.models import ModelConfig, resolve_model_path
     from alignment.training import TrainConfig
 
@@ -46,8 +54,7 @@ def check_common(cfg: Any) -> None:
     model, peft = getattr(cfg, "model", None), getattr(cfg, "peft", None)
     if model is not None:
         resolve_model_path(model.name_or_path)  # a missing model folder fails here, before any run folder exists
-    if model is not None and peft is not None and wants_4bit(peft) and model.quantization is None:
-        model.quantization = "nf4"
+    apply_qlora_base(model, peft)
 
 
 def open_run(cfg: Any, stage: str, parent: str | None = None) -> Run:

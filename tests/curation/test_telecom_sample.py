@@ -24,11 +24,16 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _rlhf_cmd() -> list[str]:
+    """The installed console command when there is one (what users run), else the module."""
+    exe = Path(sys.executable).with_name("rlhf")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf.cli"]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("telecom") / "out"
-    exe = Path(sys.executable).with_name("rlhf")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf.cli"]
+    cmd = _rlhf_cmd()
     proc = subprocess.run([*cmd, "curate", str(SAMPLE / "curate.yaml"), "--out", str(out), "-q"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -162,8 +167,7 @@ def test_rerun_gives_identical_files(run, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(out, again)  # re-running into an existing folder replaces our files, nothing else
     (again / "notes.txt").write_text("mine")
-    exe = Path(sys.executable).with_name("rlhf")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf.cli"]
+    cmd = _rlhf_cmd()
     subprocess.run([*cmd, "curate", str(SAMPLE / "curate.yaml"), "--out", str(again), "-q"], check=True,
                    capture_output=True, timeout=600)
     second = json.loads((again / "curation.json").read_text())
