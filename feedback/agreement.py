@@ -113,7 +113,8 @@ def bradley_terry(record_rankings: RecordRankings, alpha: float = 0.01) -> dict[
 
 
 def bt_pairs(
-    record_rankings: RecordRankings, alpha: float = 0.01, margin: float = 0.0
+    record_rankings: RecordRankings, alpha: float = 0.01, margin: float = 0.0,
+    scores: Mapping[Any, float] | None = None,
 ) -> list[tuple[Any, Any, float]]:
     """Pairs ordered by Bradley-Terry score: ``(winner, loser, score_gap)`` with ``score_gap > margin``.
 
@@ -121,9 +122,11 @@ def bt_pairs(
     ``m`` means the model gives the winner probability ``1 / (1 + exp(-m))`` (e.g. m = 1.1 -> 0.75).
     With the default ``margin=0`` only equal scores (all ties, or a perfect cycle; equality up to 1e-6,
     ILSR's convergence tolerance being 1e-8) are dropped.
-    Largest gaps first.
+    Largest gaps first. ``scores``: a :func:`bradley_terry` result for these rankings, when the caller
+    already has it (``feedback pull`` reports the strengths too), so the model is not fitted twice.
     """
-    scores = bradley_terry(record_rankings, alpha=alpha)
+    if scores is None:
+        scores = bradley_terry(record_rankings, alpha=alpha)
     out = []
     for a, b in itertools.combinations(scores, 2):
         gap = scores[a] - scores[b]

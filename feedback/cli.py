@@ -1,4 +1,8 @@
-"""``rlhf feedback ...``: the Argilla round trip. For now: ``rlhf feedback server start|stop|status``."""
+"""``rlhf feedback ...``: the Argilla round trip.
+
+``generate`` (K candidates per prompt) -> ``push`` (an Argilla ranking dataset) -> annotators rank in the web UI ->
+``pull`` (ranks -> TRL preference pairs + agreement report); ``annotators add|list|remove``; ``server start|stop|status``
+(the embedded Argilla). Recipe commands print one ``error:`` line for a bad recipe or an Argilla problem."""
 
 from __future__ import annotations
 
@@ -12,7 +16,16 @@ feedback_app = typer.Typer(help="Human rankings through Argilla (embedded server
                            no_args_is_help=True)
 server_app = typer.Typer(help="The embedded Argilla server (127.0.0.1, SQLite, Redis; no Elasticsearch).",
                          no_args_is_help=True)
+annotators_app = typer.Typer(help="Annotators (Argilla users with role annotator) and their workspaces.",
+                              no_args_is_help=True)
 feedback_app.add_typer(server_app, name="server")
+feedback_app.add_typer(annotators_app, name="annotators")
+
+_CONFIG = typer.Option(..., "--config", "-c", help="Recipe (YAML).", exists=True, dir_okay=False)
+_SET = typer.Option(None, "--set", help="Override a recipe key: a.b=value (repeatable).")
+_WORKSPACE = typer.Option("argilla", "--workspace", "-w", help="Argilla workspace.")
+_API_URL = typer.Option(None, "--api-url", help="Argilla URL [env ARGILLA_API_URL; default: the embedded server]. "
+                        "The key comes from $ARGILLA_API_KEY (never a flag: it would land in shell history).")
 
 _HOME = typer.Option(None, "--home", help="Data directory [env RLHF_ARGILLA_HOME, ~/.cache/rlhf-pipeline/argilla-server].")
 _VENV = typer.Option(None, "--venv", help="Server virtualenv [env RLHF_ARGILLA_VENV, ~/.cache/rlhf-pipeline/argilla-server-venv].")
@@ -27,6 +40,112 @@ def _server(home: Optional[Path], venv: Optional[Path]):
 def _fail(e: Exception) -> None:
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(1)
+
+
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _recipe_command(module: str, config: Path, set_: Optional[list[str]]):
+    """Load the recipe with ``module.load_config`` and run ``module.run``; user mistakes become one line."""
+    import importlib
+
+    from feedback.client import FeedbackError
+    from rlhf.config import ConfigError
+
+    mod = importlib.import_module(module)
+    try:
+        return mod.run(mod.load_config(config, list(set_ or [])), log=_log)
+    except (FeedbackError, ConfigError) as e:
+        _fail(e)
+
+
+@feedback_app.command("generate")
+def generate(config: Path = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+    """Sample K candidate answers per prompt from a model or an alignment run (candidates.jsonl + generate.json)."""
+    from feedback.generate import CANDIDATES
+
+    out = _recipe_command("feedback.generate", config, set_)
+    typer.echo(f"candidates: {out / CANDIDATES}")
+
+
+@feedback_app.command("push")
+def push(config: Path = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+    """Create or update the Argilla ranking dataset and upsert the candidates (no duplicates on re-push)."""
+    summary = _recipe_command("feedback.push", config, set_)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@feedback_app.command("pull")
+def pull(config: Path = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+    """Submitted rankings -> TRL preference dataset + agreement report (incremental: only what is new)."""
+    s = _recipe_command("feedback.pull", config, set_)
+    typer.echo(f"{s['counts']['rows']} pairs -> {s['output_dir']}; responses {s['responses']}; "
+               f"Krippendorff's alpha {s['krippendorff_alpha_ordinal']}, "
+               f"pairwise agreement {s['pairwise_agreement']}")
+
+
+def _client(api_url: Optional[str], workspace: str, home: Optional[Path]):
+    from feedback.client import ArgillaConfig, FeedbackError, connect
+
+    try:
+        return connect(ArgillaConfig(api_url=api_url, workspace=workspace, home=str(home) if home else None))
+    except (FeedbackError, ValueError) as e:
+        _fail(e)
+
+
+@annotators_app.command("add")
+def annotators_add(
+    name: str = typer.Argument(..., help="Username."),
+    workspace: str = _WORKSPACE,
+    password_stdin: bool = typer.Option(False, "--password-stdin",
+                                        help="Read the password from stdin (default: generate one)."),
+    api_url: Optional[str] = _API_URL,
+    home: Optional[Path] = _HOME,
+) -> None:
+    """Make NAME an annotator of the workspace (created when missing); idempotent. A generated password is written
+    to a 0600 credentials file whose path is printed, never the password itself."""
+    import sys
+
+    from feedback.annotators import add_annotator
+    from feedback.client import FeedbackError
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    client = _client(api_url, workspace, home)
+    try:
+        user, credentials = add_annotator(client, name, workspace, password=password, home=home)
+    except FeedbackError as e:
+        _fail(e)
+    typer.echo(f"{user.username}: annotator in workspace {workspace}"
+               + (f"; credentials in {credentials}" if credentials else ""))
+
+
+@annotators_app.command("list")
+def annotators_list(workspace: str = _WORKSPACE, api_url: Optional[str] = _API_URL,
+                    home: Optional[Path] = _HOME) -> None:
+    """Members of the workspace and their roles."""
+    from feedback.annotators import list_annotators
+    from feedback.client import FeedbackError
+
+    try:
+        for u in list_annotators(_client(api_url, workspace, home), workspace):
+            typer.echo(f"{u['username']}\t{u['role']}")
+    except FeedbackError as e:
+        _fail(e)
+
+
+@annotators_app.command("remove")
+def annotators_remove(name: str = typer.Argument(..., help="Username."), workspace: str = _WORKSPACE,
+                      api_url: Optional[str] = _API_URL, home: Optional[Path] = _HOME) -> None:
+    """Take NAME out of the workspace (the user and their responses stay)."""
+    from feedback.annotators import remove_annotator
+    from feedback.client import FeedbackError
+
+    try:
+        removed = remove_annotator(_client(api_url, workspace, home), name, workspace)
+    except FeedbackError as e:
+        _fail(e)
+    typer.echo(f"{name}: {'removed from' if removed else 'was not in'} workspace {workspace}")
 
 
 @server_app.command("start")

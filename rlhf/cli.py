@@ -34,10 +34,11 @@ app.add_typer(feedback_app, name="feedback")
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user mistakes print one clear line and return 2, never a traceback."""
     from curation.steps import CurationError
+    from feedback.client import FeedbackError
     from rlhf.config import ConfigError
 
     # OSError covers what from_pretrained raises for a model folder that isn't there or a Hub id it cannot reach
-    user_errors = (CurationError, ConfigError, OSError, ValueError)
+    user_errors = (CurationError, ConfigError, FeedbackError, OSError, ValueError)
     saved_argv = sys.argv
     if argv is not None:  # in-process calls (tests, `rlhf run`): manifests record the command as given
         sys.argv = ["rlhf", *argv]
