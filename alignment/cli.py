@@ -120,3 +120,7 @@ register_stage("dpo", "alignment.dpo", "Direct preference optimisation (trl.DPOT
                "reference is the SFT policy, without a second model copy.")
 register_stage("rm", "alignment.reward", "Reward model (trl.RewardTrainer): the score head trains and saves with the "
                "adapter; held-out accuracy and margin in run.json.")
+register_stage("grpo", "alignment.grpo", "GRPO (trl.GRPOTrainer) from an SFT run; rewards: rm runs, Python rules.")
+register_stage("rloo", "alignment.rloo", "RLOO (trl.RLOOTrainer) from an SFT run; rewards: rm runs, Python rules.")
+register_stage("ppo", "alignment.ppo", "PPO from an SFT run and a reward (rm run or Python rule); policy, reference, "
+               "value and reward share one base as adapters.")

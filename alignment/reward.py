@@ -77,7 +77,7 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversati
     try:
         with torch.no_grad():
             for start in range(0, len(conversations), batch_size):
-                ids = [_token_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
+                ids = [token_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
                 batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
                 rewards += model(**batch).logits[:, 0].float().tolist()
     finally:
@@ -85,7 +85,7 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversati
     return rewards
 
 
-def _token_ids(tokenizer: PreTrainedTokenizerBase, example: Any) -> list[int]:
+def token_ids(tokenizer: PreTrainedTokenizerBase, example: Any) -> list[int]:
     """What RewardTrainer._prepare_dataset makes of one side of a pair: a conversation through the chat template (no
     generation prompt), a plain text with eos appended and the tokenizer's special tokens."""
     if isinstance(example, str):

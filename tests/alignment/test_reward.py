@@ -135,7 +135,7 @@ def test_score_reads_rewards_the_way_reward_trainer_trains_them(tiny_model_dir, 
     conversations = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
     prepared = list(trainer.train_dataset)
     assert [p["chosen_ids"] for p in prepared] + [p["rejected_ids"] for p in prepared] == \
-        [reward._token_ids(tokenizer, c) for c in conversations]
+        [reward.token_ids(tokenizer, c) for c in conversations]
     batch = trainer.data_collator(prepared)  # chosen first, then rejected, right-padded
     with torch.no_grad():
         trained = model.eval()(**batch).logits[:, 0].tolist()
@@ -143,7 +143,7 @@ def test_score_reads_rewards_the_way_reward_trainer_trains_them(tiny_model_dir, 
     one_by_one = reward.score(model, tokenizer, conversations, batch_size=1)  # no padding at all
     assert one_by_one == pytest.approx(trained, abs=1e-5)
     # plain-text pairs get eos appended, as TRL does for the standard format
-    assert reward._token_ids(tokenizer, "Hello")[-1] == tokenizer.eos_token_id
+    assert reward.token_ids(tokenizer, "Hello")[-1] == tokenizer.eos_token_id
 
 
 @pytest.fixture(scope="module")
