@@ -132,12 +132,9 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 def load_config(path: Path | str, overrides: list[str] = ()) -> GenerateConfig:
     """The config from a recipe file with ``--set key=value`` overrides; errors name the file and the key."""
-    from rlhf.config import build_dataclass, load_yaml, parse_override, set_path
+    from rlhf.config import load_config as load
 
-    data = load_yaml(Path(path))
-    for item in overrides:
-        set_path(data, *parse_override(item))
-    return build_dataclass(GenerateConfig, data, str(path))
+    return load(GenerateConfig, path, overrides)
 
 
 def _local(cfg: GenerateConfig, path: str) -> Path:

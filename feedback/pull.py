@@ -88,13 +88,9 @@ class PullConfig:
 
 def load_config(path: Path, overrides: list[str] = ()) -> PullConfig:
     """A :class:`PullConfig` from a YAML recipe with ``--set key=value`` overrides; errors name the file and key."""
-    from rlhf.config import build_dataclass, load_yaml, parse_override, set_path
+    from rlhf.config import load_config as load
 
-    data = load_yaml(path)
-    for item in overrides:
-        keys, value = parse_override(item)
-        set_path(data, keys, value)
-    return build_dataclass(PullConfig, data, str(path))
+    return load(PullConfig, path, overrides)
 
 
 # ------------------------------------------------------------------------------------------------ reading

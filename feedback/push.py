@@ -63,13 +63,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """The push recipe at ``path`` with ``--set key=value`` overrides; errors (``ConfigError``) name file and key.
     Relative paths stay relative to the working directory, as in generate/pull and the align stages: they name
     outputs of earlier commands (out/...) run from the same place."""
-    from rlhf.config import build_dataclass, load_yaml, parse_override, set_path
+    from rlhf.config import load_config as load
 
-    data = load_yaml(Path(path))
-    for item in overrides:
-        keys, value = parse_override(item)
-        set_path(data, keys, value)
-    return build_dataclass(PushConfig, data, str(path))
+    return load(PushConfig, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------- the input

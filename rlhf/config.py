@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 class ConfigError(Exception):
@@ -139,6 +139,16 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
 _SECRET_KEY = re.compile(r"^(?!(?:pad|eos|bos|unk|sep|cls|mask)_token$)(?:.*[_-])?"
                          r"(?:token|secret|password|passwd|api[_-]?key|apikey|credentials?|auth)$", re.IGNORECASE)
 REDACTED = "<redacted>"
+
+
+def load_config(cls: type, path: str | Path, overrides: Iterable[str] = ()) -> Any:
+    """``cls`` from the YAML recipe at ``path`` with ``--set key=value`` overrides applied; errors name the file and
+    the key. One loader for every command that reads a recipe into a config dataclass."""
+    data = load_yaml(Path(path))
+    for item in overrides:
+        keys, value = parse_override(item)
+        set_path(data, keys, value)
+    return build_dataclass(cls, data, str(path))
 
 
 def redact_secrets(obj: Any) -> Any:

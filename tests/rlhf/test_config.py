@@ -101,3 +101,20 @@ def test_scientific_notation_in_recipe_files(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("train:\n  learning_rate: 3e-4\n  version: 1.10\n  tag: 2e\n")
     assert load_yaml(path) == {"train": {"learning_rate": 3e-4, "version": 1.1, "tag": "2e"}}
+
+
+def test_load_config_applies_overrides_and_names_the_file(tmp_path):
+    from dataclasses import dataclass
+
+    from rlhf.config import ConfigError, load_config
+
+    @dataclass
+    class Cfg:
+        name: str
+        k: int = 2
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: a\nk: 3\n")
+    assert load_config(Cfg, recipe, ["k=5"]) == Cfg(name="a", k=5)
+    with pytest.raises(ConfigError, match=r"r\.yaml.*kk"):
+        load_config(Cfg, recipe, ["kk=1"])
