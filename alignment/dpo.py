@@ -22,8 +22,6 @@ and margin (``heldout_reward_accuracy``, ``heldout_reward_margin``: how often an
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 from alignment.adapters import AdapterConfig, prepare, trainable_summary
 from alignment.data import DataConfig, load_mixture
 from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
-from alignment.runs import RunError, load_run
-from alignment.stage import apply_qlora_base, check_common, open_run, resume_from, save_weights, train
+from alignment.policy import drop_reference, parent_base, pin_reference, policy_weights
+from alignment.stage import check_common, open_run, resume_from, save_weights, train
 from alignment.training import TrainConfig, tensorboard_callback, trainer_kwargs
-from rlhf.config import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,8 +41,8 @@ if TYPE_CHECKING:
 # training step, so recipes are checked here. tests/alignment/test_dpo.py keeps this list equal to TRL's.
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-PARENT_STAGES = ("sft", "dpo")  # a DPO run can start another round (iterative DPO: the last policy is the reference)
-REF_ADAPTER = "ref"  # the adapter name DPOTrainer reads the reference from (trl.trainer.utils.use_adapter)
+# a DPO run can start another round (iterative DPO: the last policy is the reference), as can a PPO run
+PARENT_STAGES = ("sft", "dpo", "ppo")
 REFERENCES = {
     "sft_adapter_copy": "the parent's adapter loaded a second time as the frozen PEFT adapter 'ref' on the same base "
                         "(one copy of the base weights); the policy is that adapter, trained further",
@@ -86,38 +83,12 @@ class Config:
 
 
 def resolve_parent(cfg: Config) -> None:
-    """Fill ``cfg.model`` from the parent run and check the recipe against it (once; later calls do nothing).
-
-    Done when the stage runs, not when the recipe loads: the parent is an output of an earlier command. An adapter
-    parent's base is its own base (its run.json ``config.model``) and its adapter is continued, so ``peft`` must be
-    unset; a full-weights parent's ``model/`` folder becomes this run's base, and ``peft`` (default lora) says what
-    trains on it."""
-    if cfg.model is not None:
-        return
-    try:
-        record = load_run(cfg.parent)
-    except RunError as e:
-        raise ConfigError(f"parent: {e}") from None
-    if record["stage"] not in PARENT_STAGES or record["status"] != "finished":
-        raise ConfigError(f"parent: {cfg.parent} is a {record['status']} {record['stage']} run; DPO starts from a "
-                          f"finished {' or '.join(PARENT_STAGES)} run")
-    model = ModelConfig(**record["config"]["model"])
-    adapter, weights = Path(cfg.parent) / "adapter" / "adapter_config.json", Path(cfg.parent) / "model"
-    if adapter.is_file():
-        adapter_type = json.loads(adapter.read_text(encoding="utf-8"))["peft_type"]
-        if cfg.peft is not None:
-            raise ConfigError(f"peft: {cfg.parent} trained a {adapter_type} adapter, which DPO continues (its method "
-                              "and rank are the parent's); remove peft, or start from a run with full weights")
-        if adapter_type == "ADALORA":
-            raise ConfigError(f"parent: {cfg.parent} trained an AdaLoRA adapter; DPO keeps a frozen copy of the "
-                              "adapter as the reference and PEFT allows one AdaLoRA adapter per model")
-        cfg.model = model
-        return
-    if not weights.is_dir():
-        raise ConfigError(f"parent: {cfg.parent} holds neither adapter/ nor model/ weights")
-    cfg.model = dataclasses.replace(model, name_or_path=str(weights.resolve()), revision=None)
-    cfg.peft = cfg.peft or AdapterConfig()
-    apply_qlora_base(cfg.model, cfg.peft)
+    """Fill ``cfg.model`` (and ``cfg.peft`` for a full-weights parent) from the parent run, once (see
+    alignment/policy.py). Done when the stage runs, not when the recipe loads: the parent is an output of an
+    earlier command."""
+    if cfg.model is None:
+        cfg.model, cfg.peft = parent_base(cfg.parent, cfg.peft, "dpo", PARENT_STAGES, adalora_refusal=(
+            "DPO keeps a frozen copy of the adapter as the reference and PEFT allows one AdaLoRA adapter per model"))
 
 
 def reference_kind(cfg: Config) -> str:
@@ -127,42 +98,14 @@ def reference_kind(cfg: Config) -> str:
     return "separate_copy" if cfg.peft.method in ("full", "freeze") else "adapter_disabled"
 
 
-def _policy_weights(cfg: Config) -> ModelConfig:
-    """What loads the parent's policy: its run folder for an adapter (base + adapter), else its full weights."""
-    return dataclasses.replace(cfg.model, name_or_path=cfg.parent) if cfg.peft is None else cfg.model
-
-
 def _models(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedModel, PreTrainedModel | None]:
     """The policy to train and, only when it has no adapter to switch off, a separate frozen reference."""
     if cfg.peft is None:  # a PeftModel whose (parent) adapter trains; DPOTrainer adds the frozen "ref" copy
-        return load_causal_lm(_policy_weights(cfg), tokenizer, training=True), None
+        return load_causal_lm(policy_weights(cfg.model, cfg.parent, cfg.peft), tokenizer, training=True), None
     policy = prepare(load_causal_lm(cfg.model, tokenizer, training=True), cfg.peft, "CAUSAL_LM")
     if reference_kind(cfg) == "separate_copy":
         return policy, load_causal_lm(cfg.model, tokenizer)
     return policy, None
-
-
-def _pin_reference(model: PreTrainedModel, cfg: Config) -> None:
-    """Make the trainer's reference the one run.json records, where TRL 1.16 does otherwise.
-
-    Given a ``PeftModel``, DPOTrainer adds an adapter ``ref`` and copies the parameters whose names contain
-    ``.default.``. LoRA's live in ModuleDicts (``lora_A.default.weight``) and are copied; (IA)3, LoHa and LoKr keep
-    ParameterDicts (``ia3_l.default``), which the pattern misses, so their ``ref`` stayed freshly initialised: the raw
-    base, not the SFT policy. Loading the parent's saved adapter into ``ref`` is exact for every method (and keeps it
-    in full precision where TRL rounds the trained adapter to bf16 on a 4-bit base). A fresh adapter on full weights
-    needs no copy at all: without ``ref`` TRL disables the adapter, which gives exactly the parent's weights."""
-    from peft import PeftModel
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    if not isinstance(model, PeftModel) or REF_ADAPTER not in model.peft_config:
-        return
-    if reference_kind(cfg) == "adapter_disabled":
-        model.delete_adapter(REF_ADAPTER)
-        return
-    weights = load_peft_weights(str(Path(cfg.parent) / "adapter"), device=str(model.device))
-    loaded = set_peft_model_state_dict(model, weights, adapter_name=REF_ADAPTER)
-    if loaded.unexpected_keys:
-        raise RuntimeError(f"{cfg.parent}/adapter: weights the model has no place for: {loaded.unexpected_keys[:3]}")
 
 
 def _dpo_args(cfg: Config, run_dir: Path, has_eval: bool) -> Any:
@@ -181,12 +124,12 @@ def build_trainer(cfg: Config, run_dir: Path) -> DPOTrainer:
     resolve_parent(cfg)
     train_ds = load_mixture(cfg.data, "dpo", cfg.train.seed)
     eval_ds = load_mixture(cfg.data, "dpo", cfg.train.seed, eval=True)
-    tokenizer = load_tokenizer(_policy_weights(cfg), require_chat_template=is_conversational(train_ds[0]))
+    tokenizer = load_tokenizer(policy_weights(cfg.model, cfg.parent, cfg.peft), require_chat_template=is_conversational(train_ds[0]))
     policy, ref_model = _models(cfg, tokenizer)
     trainer = DPOTrainer(model=policy, ref_model=ref_model, args=_dpo_args(cfg, run_dir, eval_ds is not None),
                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                          callbacks=[tensorboard_callback(run_dir)])
-    _pin_reference(trainer.model, cfg)
+    pin_reference(trainer.model, cfg.parent, copy_parent=reference_kind(cfg) == "sft_adapter_copy")
     return trainer
 
 
@@ -208,7 +151,6 @@ def _heldout_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def run(cfg: Config) -> Path:
     """Train, evaluate and save; returns the run directory (an identical finished run is returned untouched)."""
-    from peft import PeftModel
     from transformers import set_seed
 
     resolve_parent(cfg)
@@ -221,8 +163,7 @@ def run(cfg: Config) -> Path:
         run_.record["reference"] = _reference_record(cfg)
         trainer = build_trainer(cfg, run_.dir)
         metrics = _heldout_metrics(train(trainer, run_, checkpoint))
-        if isinstance(trainer.model, PeftModel) and REF_ADAPTER in trainer.model.peft_config:
-            trainer.model.delete_adapter(REF_ADAPTER)  # the saved adapter is the policy alone
+        drop_reference(trainer.model)
         save_weights(trainer, run_)
         run_.finish({**metrics, **trainable_summary(trainer.model), "train_rows": len(trainer.train_dataset),
                      "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0})

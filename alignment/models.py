@@ -189,6 +189,24 @@ def _align_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def _keep_4bit_weights_unpacked(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights in place for its CPU inference-only kernel.
+
+    bitsandbytes 0.50 (``Linear4bit.forward``), on a CPU with AVX512-BF16, repacks a layer's weight *in place* the
+    first time it runs in eval mode on an input without grad, which is exactly ``Trainer.evaluate()`` mid-training.
+    The packed kernel (``gemv_4bit``) has no backward: from then on gradients through every 4-bit layer are silently
+    wrong (one UserWarning) and its outputs shift by ~6e-3, so QLoRA with an eval split stopped learning correctly
+    after the first evaluation (tests/alignment/test_qlora_eval.py). The repack is gated on the per-layer flag
+    ``support_avx512bf16_for_cpu``; clearing it keeps the dequantise-and-matmul path, in train and eval mode alike.
+    Frozen 4-bit models (a reward model scoring, a parent policy compared with its continuation) take the same path,
+    so their numbers match the trained model's exactly (the packed kernel's differ by ~2e-3 in a reply's log-prob)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _prepare(model: PreTrainedModel, cfg: ModelConfig, adapter: str | None, training: bool) -> PreTrainedModel:
     """Make a quantised model trainable, then put the run's adapter (if any) on top, frozen unless training."""
     if cfg.quantization and training:
@@ -198,6 +216,8 @@ def _prepare(model: PreTrainedModel, cfg: ModelConfig, adapter: str | None, trai
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.quantization:
+        _keep_4bit_weights_unpacked(model)
     if adapter:
         from peft import PeftModel
 

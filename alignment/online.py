@@ -13,7 +13,7 @@ The policy starts from a parent run as in ``alignment.dpo`` (field notes trap 9:
   reference (huggingface/trl 4723; RLOOTrainer even at beta 0), but copies only parameters whose names contain
   ``.default.``: LoRA's ModuleDicts match, the ParameterDicts of (IA)3, LoHa and LoKr do not, so their reference
   would be the raw base.
-  :func:`pin_reference` loads the parent's saved adapter into ``ref``, exact for every method.
+  ``policy.pin_reference`` loads the parent's saved adapter into ``ref``, exact for every method.
 - **the parent saved full weights**: a fresh adapter (``peft:``, default lora) trains on them, and the reference is
   those weights with the adapter switched off; ``peft.method: full``/``freeze`` get a separate frozen copy from TRL.
 - ``beta: 0`` (GRPO's default in TRL, after DAPO, Yu et al. 2025, and Dr. GRPO, Liu et al. 2025) needs no reference.
@@ -28,12 +28,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from alignment.adapters import AdapterConfig, adapter_callbacks, prepare, trainable_summary
+from alignment.adapters import (
+    AdapterConfig,
+    adapter_callbacks,
+    prepare,
+    trainable_summary,
+)
 from alignment.data import DataConfig, load_mixture
 from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
-from alignment.reward_fn import RewardSpec, as_reward_specs, reward_functions, reward_record
-from alignment.runs import RunError, load_run
-from alignment.stage import apply_qlora_base, check_common, fill_adalora_steps, open_run, resume_from, save_weights
+from alignment.policy import (
+    POLICY_STAGES,
+    drop_reference,
+    parent_base,
+    pin_reference,
+    policy_weights,
+)
+from alignment.reward_fn import (
+    RewardSpec,
+    as_reward_specs,
+    reward_functions,
+    reward_record,
+)
+from alignment.stage import (
+    check_common,
+    fill_adalora_steps,
+    open_run,
+    resume_from,
+    save_weights,
+)
 from alignment.stage import train as train_stage
 from alignment.training import TrainConfig, tensorboard_callback, trainer_kwargs
 from rlhf.config import ConfigError
@@ -42,8 +64,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-PARENT_STAGES = ("sft", "dpo", "grpo", "rloo")  # a policy run; an RL run can start the next round
-REF_ADAPTER = "ref"  # the adapter name TRL reads the reference from (trl.trainer.utils.use_adapter)
+PARENT_STAGES = POLICY_STAGES  # any policy run; an RL run can start the next round
 REFERENCES = {
     "none": "beta is 0: no KL term, so no reference model",
     "parent_adapter_copy": "the parent's adapter loaded a second time as the frozen PEFT adapter 'ref' on the same "
@@ -150,37 +171,15 @@ class OnlineConfig:
 # --- the parent run and the reference --------------------------------------------------------------------------------
 
 def resolve_inputs(cfg: OnlineConfig, stage: str) -> None:
-    """Fill ``cfg.model`` from the parent run and ``cfg.reward_records`` from the rewards (once), checking both.
-
-    Done when the stage runs, not when the recipe loads: the parent and an rm run are outputs of earlier commands.
-    Errors come before any run folder exists."""
+    """Fill ``cfg.model`` from the parent run (alignment/policy.py) and ``cfg.reward_records`` from the rewards
+    (once), checking both. Done when the stage runs, not when the recipe loads: the parent and an rm run are outputs
+    of earlier commands. Errors come before any run folder exists."""
     if cfg.model is not None:
         return
     cfg.reward_records = [reward_record(spec, i) for i, spec in enumerate(cfg.rewards)]
-    try:
-        record = load_run(cfg.parent)
-    except RunError as e:
-        raise ConfigError(f"parent: {e}") from None
-    if record["stage"] not in PARENT_STAGES or record["status"] != "finished":
-        raise ConfigError(f"parent: {cfg.parent} is a {record['status']} {record['stage']} run; {stage.upper()} "
-                          f"starts from a finished {', '.join(PARENT_STAGES)} run")
-    model = ModelConfig(**record["config"]["model"])
-    adapter, weights = Path(cfg.parent) / "adapter" / "adapter_config.json", Path(cfg.parent) / "model"
-    if adapter.is_file():
-        adapter_type = json.loads(adapter.read_text(encoding="utf-8"))["peft_type"]
-        if cfg.peft is not None:
-            raise ConfigError(f"peft: {cfg.parent} trained a {adapter_type} adapter, which {stage.upper()} continues "
-                              "(its method and rank are the parent's); remove peft, or start from full weights")
-        if adapter_type == "ADALORA" and cfg.keeps_reference_adapter:
-            raise ConfigError(f"parent: {cfg.parent} trained an AdaLoRA adapter; {stage.upper()} keeps a frozen copy "
-                              "of it as the reference and PEFT allows one AdaLoRA adapter per model")
-        cfg.model = model
-        return
-    if not weights.is_dir():
-        raise ConfigError(f"parent: {cfg.parent} holds neither adapter/ nor model/ weights")
-    cfg.model = dataclasses.replace(model, name_or_path=str(weights.resolve()), revision=None)
-    cfg.peft = cfg.peft or AdapterConfig()
-    apply_qlora_base(cfg.model, cfg.peft)
+    refusal = (f"{stage.upper()} keeps a frozen copy of it as the reference and PEFT allows one AdaLoRA adapter per "
+               "model") if cfg.keeps_reference_adapter else None
+    cfg.model, cfg.peft = parent_base(cfg.parent, cfg.peft, stage, PARENT_STAGES, adalora_refusal=refusal)
 
 
 def reference_kind(cfg: OnlineConfig) -> str:
@@ -192,33 +191,11 @@ def reference_kind(cfg: OnlineConfig) -> str:
     return "separate_copy" if cfg.peft.method in ("full", "freeze") else "adapter_disabled"
 
 
-def _policy_weights(cfg: OnlineConfig) -> ModelConfig:
-    """What loads the parent's policy: its run folder for an adapter (base + adapter), else its full weights."""
-    return dataclasses.replace(cfg.model, name_or_path=cfg.parent) if cfg.peft is None else cfg.model
-
-
 def policy_model(cfg: OnlineConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """The policy to train: the parent's adapter (trainable), or a fresh adapter (or none) on its full weights."""
     if cfg.peft is None:
-        return load_causal_lm(_policy_weights(cfg), tokenizer, training=True)
+        return load_causal_lm(policy_weights(cfg.model, cfg.parent, cfg.peft), tokenizer, training=True)
     return prepare(load_causal_lm(cfg.model, tokenizer, training=True), cfg.peft, "CAUSAL_LM")
-
-
-def pin_reference(model: PreTrainedModel, cfg: OnlineConfig) -> None:
-    """Make TRL's ``ref`` adapter the reference run.json records (see the module docstring): the parent's saved
-    adapter for a continued one; none for a fresh adapter, whose switched-off state is exactly the parent."""
-    from peft import PeftModel
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    if not isinstance(model, PeftModel) or REF_ADAPTER not in model.peft_config:
-        return
-    if reference_kind(cfg) in ("adapter_disabled", "none"):  # RLOOTrainer adds `ref` even at beta 0 (TRL 1.16)
-        model.delete_adapter(REF_ADAPTER)
-        return
-    weights = load_peft_weights(str(Path(cfg.parent) / "adapter"), device=str(model.device))
-    loaded = set_peft_model_state_dict(model, weights, adapter_name=REF_ADAPTER)
-    if loaded.unexpected_keys:
-        raise RuntimeError(f"{cfg.parent}/adapter: weights the model has no place for: {loaded.unexpected_keys[:3]}")
 
 
 # --- prompts ---------------------------------------------------------------------------------------------------------
@@ -288,7 +265,7 @@ def build_trainer(cfg: OnlineConfig, stage: str, run_dir: Path, trainer_cls: typ
     resolve_inputs(cfg, stage)
     raw_train = load_mixture(cfg.data, "prompts", cfg.train.seed)
     conversational = "messages" in raw_train.column_names or is_conversational(raw_train[0])
-    tokenizer = load_tokenizer(_policy_weights(cfg), require_chat_template=conversational)
+    tokenizer = load_tokenizer(policy_weights(cfg.model, cfg.parent, cfg.peft), require_chat_template=conversational)
     train_ds, dropped = to_prompts(raw_train, tokenizer, cfg)
     if train_ds is None:
         raise ConfigError(f"data: no prompt fits in train.max_length ({cfg.train.max_length}) minus "
@@ -301,7 +278,7 @@ def build_trainer(cfg: OnlineConfig, stage: str, run_dir: Path, trainer_cls: typ
     set_seed(cfg.train.seed)  # a fresh adapter is drawn at load time
     trainer = trainer_cls(model=policy_model(cfg, tokenizer), reward_funcs=reward_functions(cfg.rewards), args=args,
                           train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
-    pin_reference(trainer.model, cfg)
+    pin_reference(trainer.model, cfg.parent, copy_parent=reference_kind(cfg) == "parent_adapter_copy")
     counts = {"train_prompts": len(train_ds), "eval_prompts": len(eval_ds) if eval_ds is not None else 0,
               "prompts_dropped_too_long": dropped}
     return trainer, counts
@@ -316,8 +293,6 @@ def reward_trend(log_history: list[dict[str, Any]]) -> dict[str, float]:
 def run(cfg: OnlineConfig, stage: str, build: Callable[..., tuple[Trainer, dict[str, int]]]) -> Path:
     """Train, evaluate and save with ``build(cfg, run_dir) -> (trainer, prompt counts)``; returns the run directory
     (an identical finished run is returned untouched)."""
-    from peft import PeftModel
-
     resolve_inputs(cfg, stage)
     run_ = open_run(cfg, stage, parent=cfg.parent)
     if run_.action == "skip":
@@ -328,8 +303,7 @@ def run(cfg: OnlineConfig, stage: str, build: Callable[..., tuple[Trainer, dict[
         run_.record["reference"] = {"kind": kind, "description": REFERENCES[kind], "beta": cfg.beta}
         trainer, counts = build(cfg, run_.dir)
         metrics = train_stage(trainer, run_, checkpoint)
-        if isinstance(trainer.model, PeftModel) and REF_ADAPTER in trainer.model.peft_config:
-            trainer.model.delete_adapter(REF_ADAPTER)  # the saved adapter is the policy alone
+        drop_reference(trainer.model)
         save_weights(trainer, run_)
         run_.finish({**metrics, **reward_trend(trainer.state.log_history), **trainable_summary(trainer.model),
                      **counts})

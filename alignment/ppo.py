@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from alignment.adapters import ADAPTER_METHODS, AdapterConfig
 from alignment.data import DataConfig
 from alignment.models import ModelConfig, load_tokenizer
+from alignment.policy import POLICY_STAGES, parent_base
 from alignment.reward_fn import RewardSpec, reward_record
-from alignment.runs import RunError, load_run
-from alignment.stage import apply_qlora_base, check_common, open_run, resume_from
+from alignment.stage import check_common, open_run, resume_from
 from alignment.training import TrainConfig
 from rlhf.config import ConfigError
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from alignment.rollout import Rollout
     from alignment.runs import Run
 
-PARENT_STAGES = ("sft", "dpo", "ppo")  # any finished policy run; a PPO run can start another round
+PARENT_STAGES = POLICY_STAGES  # any finished policy run; a PPO run can start another round
 REWARD_NORMS = ("none", "batch", "running")
 
 
@@ -147,33 +147,12 @@ class Config:
 def resolve_inputs(cfg: Config) -> None:
     """Fill ``cfg.model`` from the parent run and ``cfg.reward_fingerprint`` from the reward run (once).
 
-    As in dpo.resolve_parent: an adapter parent's base is its own base and its adapter is continued (``peft`` must
-    be unset); a full-weights parent's ``model/`` becomes the base and ``peft`` (default lora) is the new policy."""
+    The parent as alignment/policy.py resolves it: an adapter parent's adapter is continued (``peft`` must be unset);
+    a full-weights parent's ``model/`` becomes the base and ``peft`` (default lora) is the new policy."""
     if cfg.model is not None:
         return
-    try:
-        record = load_run(cfg.parent)
-    except RunError as e:
-        raise ConfigError(f"parent: {e}") from None
-    if record["stage"] not in PARENT_STAGES or record["status"] != "finished":
-        raise ConfigError(f"parent: {cfg.parent} is a {record['status']} {record['stage']} run; PPO starts from a "
-                          f"finished {' or '.join(PARENT_STAGES)} run")
-    model = ModelConfig(**record["config"]["model"])
-    if (Path(cfg.parent) / "adapter" / "adapter_config.json").is_file():
-        if cfg.peft is not None:
-            raise ConfigError(f"peft: {cfg.parent} trained an adapter, which PPO continues as the policy; remove "
-                              "peft, or start from a run with full weights")
-        if json.loads((Path(cfg.parent) / "adapter" / "adapter_config.json").read_text())["peft_type"] == "ADALORA":
-            raise ConfigError(f"parent: {cfg.parent} trained an AdaLoRA adapter; PEFT allows one trainable AdaLoRA "
-                              "adapter per model and PPO trains a value adapter beside it")
-        cfg.model = model
-    elif (Path(cfg.parent) / "model").is_dir():
-        cfg.model = dataclasses.replace(model, name_or_path=str((Path(cfg.parent) / "model").resolve()),
-                                        revision=None)
-        cfg.peft = cfg.peft or AdapterConfig()
-        apply_qlora_base(cfg.model, cfg.peft)
-    else:
-        raise ConfigError(f"parent: {cfg.parent} holds neither adapter/ nor model/ weights")
+    cfg.model, cfg.peft = parent_base(cfg.parent, cfg.peft, "ppo", PARENT_STAGES, adalora_refusal=(
+        "PEFT allows one trainable AdaLoRA adapter per model and PPO trains a value adapter beside it"))
     key = "reward_model" if cfg.reward_model is not None else "reward_fn"
     try:  # checks the rm run is a finished one / imports the function
         record = reward_record(RewardSpec(source=reward_source(cfg)), 0)
@@ -324,7 +303,6 @@ def save_checkpoint(run_: Run, roles: Roles, optimizer: Any, scheduler: Any, sta
 
 def load_checkpoint(folder: Path, roles: Roles, optimizer: Any, scheduler: Any, state: TrainState) -> None:
     """Put what :func:`save_checkpoint` wrote back into ``roles``, the optimizer, the scheduler and ``state``."""
-    import json
     import random
 
     import numpy as np

@@ -13,6 +13,7 @@ import pytest
 from alignment import dpo, sft
 from alignment.cli import load_stage_config
 from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
+from alignment.policy import REF_ADAPTER
 from alignment.runs import Run, load_run
 from rlhf.cli import main
 from rlhf.config import ConfigError
@@ -98,7 +99,7 @@ def test_dpo_learns_the_preference_and_records_its_lineage(sft_run, data, tmp_pa
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["heldout_reward_accuracy"] >= 0.9 and metrics["heldout_reward_margin"] > 0.1  # chance: 0.5, 0
     assert "eval_perplexity" not in metrics  # a DPO loss is no per-token NLL
-    assert not (run_dir / "adapter" / dpo.REF_ADAPTER).exists()  # the saved adapter is the policy alone
+    assert not (run_dir / "adapter" / REF_ADAPTER).exists()  # the saved adapter is the policy alone
     # The policy, loaded from the run like any adapter run, likes the held-out chosen replies better than the SFT
     # policy did and the rejected ones less; by hand, its implicit reward ranks every held-out pair right.
     tokenizer = load_tokenizer(ModelConfig(str(run_dir)))
@@ -122,9 +123,9 @@ def test_reference_is_the_sft_policy_in_the_same_weights(tiny_model_dir, data, t
     cfg = _cfg(parent, data, tmp_path / "dpo", train={"max_steps": 4})
     trainer = dpo.build_trainer(cfg, tmp_path / "dpo")
     model = trainer.model
-    assert trainer.ref_model is None and set(model.peft_config) == {"default", dpo.REF_ADAPTER}
+    assert trainer.ref_model is None and set(model.peft_config) == {"default", REF_ADAPTER}
     # One copy of the weights: beside the two adapters, the trainer holds exactly as many as the base alone has.
-    adapters = re.compile(rf"\.(default|{dpo.REF_ADAPTER})(\.|$)")
+    adapters = re.compile(rf"\.(default|{REF_ADAPTER})(\.|$)")
     assert sum(p.numel() for n, p in model.named_parameters() if not adapters.search(n)) \
         == sum(p.numel() for p in load_causal_lm(cfg.model).parameters())
     trainer.train()
@@ -132,7 +133,7 @@ def test_reference_is_the_sft_policy_in_the_same_weights(tiny_model_dir, data, t
     sft_policy = load_causal_lm(dataclasses.replace(cfg.model, name_or_path=str(parent)), trainer.processing_class)
     question, answer = HELDOUT_QA[0]
     reply = f"{KEYWORD} {answer}"
-    with use_adapter(model, dpo.REF_ADAPTER):  # what DPOTrainer runs for the reference
+    with use_adapter(model, REF_ADAPTER):  # what DPOTrainer runs for the reference
         reference = _logprob(model, trainer.processing_class, question, reply)
     assert reference == pytest.approx(_logprob(sft_policy, trainer.processing_class, question, reply), abs=1e-4)
     assert abs(_logprob(model, trainer.processing_class, question, reply) - reference) > 1e-3  # the policy moved
@@ -147,7 +148,7 @@ def test_full_weights_parent_reference_is_the_adapter_switched_off(tiny_model_di
     assert cfg.model.name_or_path == str((parent / "model").resolve())
     assert dpo.reference_kind(cfg) == "adapter_disabled"
     trainer = dpo.build_trainer(cfg, tmp_path / "dpo")
-    assert trainer.ref_model is None and dpo.REF_ADAPTER not in trainer.model.peft_config
+    assert trainer.ref_model is None and REF_ADAPTER not in trainer.model.peft_config
     trainer.train()
     trainer.model.eval()
     question, answer = HELDOUT_QA[1]

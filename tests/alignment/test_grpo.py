@@ -13,6 +13,7 @@ import pytest
 from alignment import grpo, online, sft
 from alignment.cli import load_stage_config
 from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
+from alignment.policy import REF_ADAPTER
 from alignment.runs import load_run
 from rlhf.cli import main
 from rlhf.config import ConfigError
@@ -104,7 +105,7 @@ def assert_trained_policy_run(run_dir: Path, parent: Path, stage: str) -> dict:
     assert record["parent"]["path"] == str(parent.resolve()) and record["parent"]["stage"] == "sft"
     assert record["model"]["name_or_path"] == str((parent / "model").resolve())  # the parent's weights are the base
     assert (run_dir / "adapter" / "adapter_config.json").is_file() and (run_dir / "logs").is_dir()
-    assert not (run_dir / "adapter" / online.REF_ADAPTER).exists()  # the saved adapter is the policy alone
+    assert not (run_dir / "adapter" / REF_ADAPTER).exists()  # the saved adapter is the policy alone
     tokenizer = load_tokenizer(ModelConfig(str(run_dir)))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "How do I fix roaming?"}], tokenize=True,
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]

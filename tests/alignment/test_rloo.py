@@ -10,6 +10,7 @@ import pytest
 from alignment import online, rloo
 from alignment.cli import load_stage_config
 from alignment.models import ModelConfig, load_causal_lm
+from alignment.policy import REF_ADAPTER
 from alignment.runs import load_run
 from rlhf.cli import main
 from tests.alignment import test_grpo as toy
@@ -56,14 +57,14 @@ def test_reference_is_the_parent_adapter_for_every_method(tiny_model_dir, data, 
     assert cfg.peft is None  # an adapter parent: its adapter is continued
     trainer, _ = rloo.build_trainer(cfg, tmp_path / "rloo")
     model = trainer.model
-    assert set(model.peft_config) == {"default", online.REF_ADAPTER} and trainer.ref_model is None
+    assert set(model.peft_config) == {"default", REF_ADAPTER} and trainer.ref_model is None
     ia3_weights = [name for name, _ in model.named_parameters() if "ia3_l" in name]
     assert ia3_weights and not any(".default." in name for name in ia3_weights)  # what TRL's copy misses
     trainer.train()  # the policy adapter moves; the reference must stay the parent
     model.eval()
     ids = torch.tensor([trainer.processing_class("Open the app and check roaming.")["input_ids"]])
     parent_policy = load_causal_lm(ModelConfig(str(ia3_parent)), trainer.processing_class)
-    with torch.no_grad(), use_adapter(model, online.REF_ADAPTER):  # what RLOOTrainer runs for the reference
+    with torch.no_grad(), use_adapter(model, REF_ADAPTER):  # what RLOOTrainer runs for the reference
         reference = model(input_ids=ids).logits
     with torch.no_grad():
         assert torch.allclose(reference, parent_policy(input_ids=ids).logits, atol=1e-5)
