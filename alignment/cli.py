@@ -27,14 +27,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupt
 
 def load_stage_config(stage: str, path: Path, overrides: list[str] = ()):
     """The stage's Config from a recipe file with ``--set`` overrides; errors name the file and the key."""
-    from rlhf.config import build_dataclass, load_yaml, parse_override, set_path
+    from rlhf.config import load_config
 
-    module = importlib.import_module(STAGES[stage])
-    data = load_yaml(path)
-    for item in overrides:
-        keys, value = parse_override(item)
-        set_path(data, keys, value)
-    return build_dataclass(module.Config, data, str(path))
+    return load_config(importlib.import_module(STAGES[stage]).Config, path, overrides)
 
 
 def _run_stage(stage: str, config: Path, set_: list[str] | None, resume: bool) -> None:
