@@ -85,6 +85,13 @@ def pull(config: Path = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
                f"pairwise agreement {s['pairwise_agreement']}")
 
 
+@feedback_app.command("simulate")
+def simulate(config: Path = _CONFIG, set_: Optional[list[str]] = _SET) -> None:
+    """SIMULATION for demos and CI: scripted sim-* annotators rank what is pending for them via the real API."""
+    summary = _recipe_command("feedback.simulate", config, set_)
+    typer.echo(json.dumps(summary, indent=2))
+
+
 def _client(api_url: Optional[str], workspace: str, home: Optional[Path]):
     from feedback.client import ArgillaConfig, FeedbackError, connect
 

@@ -165,6 +165,11 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _simulated(names: list[str] | None) -> str:
+    """``yes (names)`` when scripted annotators (feedback.simulate) ranked: their figures are not human agreement."""
+    return f"yes ({', '.join(names)})" if names else "no"
+
+
 def render_agreement(dataset: str, report: dict[str, Any]) -> str:
     """``agreement.md``: the agreement figures, per-annotator counts and pair counts as Markdown tables."""
     lines = [f"# Annotator agreement: {dataset}", "",
@@ -174,6 +179,7 @@ def render_agreement(dataset: str, report: dict[str, Any]) -> str:
              (f"| pairwise agreement (same outcome on a candidate pair; tie is an outcome) | "
               f"{_fmt(report['pairwise_agreement'])} over {report['comparisons']} comparisons |"),
              f"| records ranked / ranked by 2 or more | {report['records']} / {report['records_with_overlap']} |",
+             f"| simulated annotators | {_simulated(report.get('simulated_annotators'))} |",
              "", "## Annotators", "", "| annotator | records | strict pairs |", "|---|---|---|"]
     lines += [f"| {name} | {c['records']} | {c['pairs']} |" for name, c in sorted(report["annotators"].items())]
     lines += ["", "## Pairs", "", "| count | value |", "|---|---|"]

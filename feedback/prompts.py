@@ -41,7 +41,7 @@ def prompt_roots(paths: list[Path], kind: str | None = None) -> list[Path]:
     return roots
 
 
-def _split_source(root: Path, split: str) -> Path:
+def split_source(root: Path, split: str) -> Path:
     """The file or ``save_to_disk`` folder that holds ``split`` of a dataset folder (a file is its own source)."""
     if root.is_file():
         return root
@@ -56,7 +56,7 @@ def _split_source(root: Path, split: str) -> Path:
     raise FeedbackError(f"prompts: {root} has no '{split}' split")
 
 
-def _rows(source: Path) -> Iterator[tuple[int, dict]]:
+def read_rows(source: Path) -> Iterator[tuple[int, dict]]:
     """``(1-based row, row)``; JSONL is read line by line so a bad line is named by its number."""
     if source.suffix == ".jsonl":
         with source.open(encoding="utf-8") as f:
@@ -99,8 +99,8 @@ def load_prompts(roots: list[Path], split: str = "train", max_prompts: int | Non
     seen: set[str] = set()
     prompts: list[Prompt] = []
     for root in roots:
-        source = _split_source(root, split)
-        for number, row in _rows(source):
+        source = split_source(root, split)
+        for number, row in read_rows(source):
             messages = chat_prompt(row, f"{source}:{number}")
             key = normalize(prompt_text({"prompt": messages}))
             if key in seen:

@@ -28,6 +28,7 @@ from feedback import export
 from feedback.agreement import agreement_report
 from feedback.client import ArgillaConfig, FeedbackError, Rest, connect
 from feedback.dataset import CORRECTION, PROMPT, PROMPT_JSON, RANKING, RATING, SOURCE_ID
+from feedback.simulate import is_simulated
 
 if TYPE_CHECKING:
     import argilla as rg
@@ -337,6 +338,8 @@ def run(cfg: PullConfig, log: Callable[[str], None] = lambda m: None) -> dict[st
 
     outputs = export.write_dataset(out_dir, rows, cfg.formats)
     report = agreement_report({r.external_id: r.rankings() for r in records if r.rankings()})
+    # feedback.simulate's scripted annotators are named sim-*: the report says when rankings are not from people
+    report["simulated_annotators"] = sorted(a for a in report["annotators"] if is_simulated(a))
     report["counts"] = {
         "records_seen": len(fetched), "records_counted": len(records), **skipped,
         **{f"responses_{k}": v for k, v in sorted(Counter(a.status for r in fetched for a in r.answers).items())},
@@ -347,7 +350,8 @@ def run(cfg: PullConfig, log: Callable[[str], None] = lambda m: None) -> dict[st
     summary = {"dataset": f"{cfg.argilla.workspace}/{cfg.dataset}", "output_dir": str(out_dir),
                "reaggregated_all": not reusable, **delta, "counts": report["counts"],
                "krippendorff_alpha_ordinal": report["krippendorff_alpha_ordinal"],
-               "pairwise_agreement": report["pairwise_agreement"]}
+               "pairwise_agreement": report["pairwise_agreement"],
+               "simulated_annotators": report["simulated_annotators"]}
     export.write_manifest(out_dir, cfg, outputs, summary, started)
     log(f"{len(rows)} preference rows -> {out_dir}; responses {dict(delta['responses'])}")
     return summary

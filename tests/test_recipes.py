@@ -13,7 +13,8 @@ RECIPES = sorted(p for p in (ROOT / "samples").rglob("*.yaml") if "accelerate" n
 
 
 # Feedback recipes: <command>[-variant].yaml -> the module whose load_config reads them.
-FEEDBACK = {"generate": "feedback.generate", "feedback": "feedback.push", "pull": "feedback.pull"}
+FEEDBACK = {"generate": "feedback.generate", "feedback": "feedback.push", "pull": "feedback.pull",
+            "simulate": "feedback.simulate"}
 
 
 def _stage(path: Path) -> str:
@@ -33,7 +34,7 @@ def test_shipped_recipe_loads(path):
         import importlib
 
         cfg = importlib.import_module(FEEDBACK[stage]).load_config(path)
-        assert cfg.dataset if stage == "feedback" else cfg.output_dir
+        assert cfg.dataset if stage in ("feedback", "simulate") else cfg.output_dir
         return
     from alignment.cli import STAGES, load_stage_config
 
