@@ -152,8 +152,10 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=_json_default))
 
 
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def sha256_json(obj: Any) -> str:
+    """A content hash of a JSON-able object (key order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default).encode()
+                          ).hexdigest()
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -249,7 +251,8 @@ def _existing(out_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _dataset_entry(path: Path) -> dict[str, Any]:
+def dataset_entry(path: Path) -> dict[str, Any]:
+    """A dataset as run records list theirs: path, fingerprint, and the curation manifest it came from."""
     manifest = find_curation_manifest(path) if path.exists() else None
     return {"path": str(path.resolve()), "fingerprint": fingerprint_path(path),
             "curation": str(manifest) if manifest else None}
@@ -275,15 +278,15 @@ def _new_record(stage: str, config: Any, model: dict[str, Any], datasets: list[P
         raise TypeError(f"config: expected a mapping or a dataclass, got {type(config).__name__}")
     record = {"format": FORMAT, "stage": stage, "status": "running", "inputs_fingerprint": "",
               "config": _plain(redact_secrets(config)), "model": _plain(redact_secrets(model)),
-              "datasets": [_dataset_entry(p) for p in datasets], "parent": _parent_entry(parent) if parent else None,
+              "datasets": [dataset_entry(p) for p in datasets], "parent": _parent_entry(parent) if parent else None,
               "versions": versions(VERSION_PACKAGES), "git_commit": git_commit(),
               "command": shlex.join(redact_argv(sys.argv)), "metrics": {}, "error": None,
-              "started_at": _now(), "finished_at": None, "wall_time_s": 0.0, "attempts": 1}
-    record["inputs_fingerprint"] = _sha256_json(_inputs(record, output_only))
+              "started_at": utc_now(), "finished_at": None, "wall_time_s": 0.0, "attempts": 1}
+    record["inputs_fingerprint"] = sha256_json(_inputs(record, output_only))
     return record
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -387,13 +390,13 @@ class Run:
     def finish(self, metrics: dict[str, Any] | None = None) -> None:
         self._check_open()
         self.record["metrics"].update(_plain(metrics or {}))
-        self.record.update(status="finished", finished_at=_now())
+        self.record.update(status="finished", finished_at=utc_now())
         self._save()
 
     def fail(self, error: BaseException | str) -> None:
         self._check_open()
         kind = type(error).__name__ if isinstance(error, BaseException) else "Error"
-        self.record.update(status="failed", error={"type": kind, "message": str(error)}, finished_at=_now())
+        self.record.update(status="failed", error={"type": kind, "message": str(error)}, finished_at=utc_now())
         self._save()
 
 

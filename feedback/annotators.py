@@ -76,10 +76,14 @@ def _create(client: "rg.Argilla", username: str, password: Optional[str], worksp
     user.password = None  # the SDK keeps it on the object, and repr(user) would print it
     if password is not None:
         return user, None  # the caller knows it
-    # with the API key, for SDK/REST use (GET /users/{id} returns it; the SDK's user model drops it)
-    api_key = Rest(client).get(f"/api/v1/users/{user.id}")["api_key"]
+    api_key = user_api_key(client, user.id)
     return user, _save_credentials(client.api_url, home, username=username, password=secret, api_key=api_key,
                                    workspace=workspace)
+
+
+def user_api_key(client: "rg.Argilla", user_id) -> str:
+    """A user's API key, read as the owner: GET /users/{id} returns it; the SDK's user model drops it."""
+    return Rest(client).get(f"/api/v1/users/{user_id}")["api_key"]
 
 
 def list_annotators(client: "rg.Argilla", workspace: str) -> list[dict]:

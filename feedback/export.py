@@ -16,7 +16,6 @@ from (Argilla record, candidate fields, votes, annotators, method).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -24,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignment.runs import write_json_atomic
 from curation.records import Record, make_lineage, message, stable_id
 from feedback.agreement import bradley_terry, bt_pairs, majority, ranking_pairs
 from feedback.dataset import CORRECTION
@@ -154,13 +154,6 @@ def write_dataset(out_dir: Path, rows: list[Record], formats: list[str]) -> dict
     return writer.close()
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write through a temporary file and rename, so an interrupted pull never leaves half a JSON file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -190,7 +183,7 @@ def render_agreement(dataset: str, report: dict[str, Any]) -> str:
 
 
 def write_reports(out_dir: Path, dataset: str, report: dict[str, Any]) -> None:
-    write_json(out_dir / "agreement.json", report)
+    write_json_atomic(out_dir / "agreement.json", report)
     (out_dir / "agreement.md").write_text(render_agreement(dataset, report), encoding="utf-8")
 
 
@@ -212,4 +205,4 @@ def write_manifest(out_dir: Path, cfg: PullConfig, outputs: dict, summary: dict,
         "git_commit": git_commit(),
         "wall_time_s": round(time.time() - started, 2),
     }
-    write_json(out_dir / "curation.json", manifest)
+    write_json_atomic(out_dir / "curation.json", manifest)

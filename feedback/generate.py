@@ -33,7 +33,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +40,11 @@ from alignment.models import ModelConfig, resolve_model_path
 from alignment.runs import (
     RUN_JSON,
     VERSION_PACKAGES,
-    find_curation_manifest,
+    dataset_entry,
     fingerprint_path,
     load_run,
+    sha256_json,
+    utc_now,
     write_json_atomic,
 )
 from curation.records import make_lineage, message, stable_id
@@ -240,25 +241,14 @@ def _load(model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
 
 # --- output -------------------------------------------------------------------------------------------------------
 
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-def _dataset_entry(root: Path) -> dict[str, Any]:
-    """A prompt dataset as run records list theirs: path, fingerprint, and the curation manifest it came from."""
-    manifest = find_curation_manifest(root)
-    return {"path": str(root.resolve()), "fingerprint": fingerprint_path(root),
-            "curation": str(manifest) if manifest else None}
-
-
 def _fingerprint(cfg: GenerateConfig, model: dict, data: list[dict]) -> str:
     """What decides the candidates: the config minus output-only keys, the model and the prompt data."""
     config = {k: v for k, v in asdict(cfg).items() if k not in OUTPUT_ONLY}
-    return _sha256_json({"config": config, "model": model["fingerprint"], "prompts": [d["fingerprint"] for d in data]})
+    return sha256_json({"config": config, "model": model["fingerprint"], "prompts": [d["fingerprint"] for d in data]})
 
 
 def _record_id(prompt: Prompt, model: dict, cfg: GenerateConfig) -> str:
-    return stable_id(prompt.id, model["fingerprint"], _sha256_json({"k": cfg.k, **asdict(cfg.sampling)}))
+    return stable_id(prompt.id, model["fingerprint"], sha256_json({"k": cfg.k, **asdict(cfg.sampling)}))
 
 
 def _record(prompt: Prompt, candidates: list[dict], model: dict, cfg: GenerateConfig) -> dict:
@@ -315,17 +305,13 @@ def _counts(path: Path) -> dict[str, Any]:
             "finished_length": finish["length"], "identical_candidates": identical, "generated_tokens": tokens}
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _manifest(cfg: GenerateConfig, model: dict, data: list[dict], fingerprint: str,
               previous: dict | None) -> dict[str, Any]:
     return {"format": 1, "status": "running", "fingerprint": fingerprint, "config": redact_secrets(asdict(cfg)),
             "model": redact_secrets(model), "prompts": data, "stop_tokens": (previous or {}).get("stop_tokens"),
             "versions": versions(VERSION_PACKAGES), "git_commit": git_commit(),
             "command": shlex.join(redact_argv(sys.argv)), "counts": (previous or {}).get("counts", {}),
-            "attempts": (previous or {}).get("attempts", 0) + 1, "started_at": _now(), "finished_at": None,
+            "attempts": (previous or {}).get("attempts", 0) + 1, "started_at": utc_now(), "finished_at": None,
             "wall_time_s": (previous or {}).get("wall_time_s", 0.0), "throughput": None}
 
 
@@ -369,7 +355,7 @@ def run(cfg: GenerateConfig, log: Callable[[str], None] | None = None) -> Path:
     model_cfg = replace(cfg.model, name_or_path=_model_path(cfg))
     model_info = model_entry(model_cfg)
     roots = prompt_roots([_local(cfg, p) for p in cfg.prompts], cfg.kind)
-    data = [_dataset_entry(root) for root in roots]
+    data = [dataset_entry(root) for root in roots]
     fingerprint = _fingerprint(cfg, model_info, data)
     previous = _open_output(out, fingerprint, cfg.overwrite)
     done = _done_ids(out / CANDIDATES)
@@ -381,7 +367,7 @@ def run(cfg: GenerateConfig, log: Callable[[str], None] | None = None) -> Path:
     if todo:
         _generate(cfg, model_cfg, todo, model_info, manifest, out, log)
     manifest["counts"] = _counts(out / CANDIDATES)
-    manifest.update(status="finished", finished_at=_now(),
+    manifest.update(status="finished", finished_at=utc_now(),
                     wall_time_s=round(manifest["wall_time_s"] + time.monotonic() - t0, 3))
     write_json_atomic(out / MANIFEST, manifest)
     return out

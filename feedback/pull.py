@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignment.runs import write_json_atomic
 from feedback import export
 from feedback.agreement import agreement_report
 from feedback.client import ArgillaConfig, FeedbackError, Rest, connect
@@ -346,7 +347,7 @@ def run(cfg: PullConfig, log: Callable[[str], None] = lambda m: None) -> dict[st
         "records_waiting_for_annotators": stats.pop("records_waiting", 0), **stats,
         "rows": len(rows), **{f"rows_{k}": v for k, v in sorted(Counter(r["split"] for r in rows).items())}}
     export.write_reports(out_dir, cfg.dataset, report)
-    export.write_json(out_dir / STATE_FILE, {"version": STATE_VERSION, "config": _config_key(cfg), "records": state})
+    write_json_atomic(out_dir / STATE_FILE, {"version": STATE_VERSION, "config": _config_key(cfg), "records": state})
     summary = {"dataset": f"{cfg.argilla.workspace}/{cfg.dataset}", "output_dir": str(out_dir),
                "reaggregated_all": not reusable, **delta, "counts": report["counts"],
                "krippendorff_alpha_ordinal": report["krippendorff_alpha_ordinal"],

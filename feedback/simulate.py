@@ -242,12 +242,11 @@ class _AsUser(Rest):
 def _annotator(client, name: str, cfg: SimulateConfig) -> _AsUser:
     """The simulated user ``name``, created or reused as an annotator of the workspace, as a REST session. The key
     comes from GET /users/{id} as the owner; a password add_annotator generates goes to its 0600 file only."""
-    from feedback.annotators import add_annotator
+    from feedback.annotators import add_annotator, user_api_key
 
     home = Path(cfg.argilla.home) if cfg.argilla.home else None
     user, _ = add_annotator(client, name, cfg.argilla.workspace, home=home)
-    key = Rest(client).get(f"/api/v1/users/{user.id}")["api_key"]
-    return _AsUser(client.api_url, key, cfg.argilla.timeout)
+    return _AsUser(client.api_url, user_api_key(client, user.id), cfg.argilla.timeout)
 
 
 def _next_pending(rest: Rest, dataset_id: str, passed: set[str]) -> str | None:
