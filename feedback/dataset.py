@@ -69,27 +69,32 @@ class DatasetSpec:
             raise ValueError(f"min_submitted: must be >= 1, got {self.min_submitted}")
 
 
-def build_settings(spec: DatasetSpec, guidelines_text: Optional[str] = None) -> "rg.Settings":
+def build_settings(spec: DatasetSpec, guidelines_text: Optional[str] = None,
+                   client: Optional["rg.Argilla"] = None) -> "rg.Settings":
     """Argilla settings for ``spec``: prompt + response fields (Markdown), the ranking question, optional rating
-    and correction questions, terms metadata and overlap via ``TaskDistribution(min_submitted)``."""
+    and correction questions, terms metadata and overlap via ``TaskDistribution(min_submitted)``.
+
+    Pass the ``client`` the settings are for: without one, every field and question builds the SDK's default client
+    from ARGILLA_API_URL/ARGILLA_API_KEY, which fails ("Missing api_key") when the key came from a recipe or the
+    embedded server instead."""
     import argilla as rg
 
     responses = [response_field(i) for i in range(1, spec.k + 1)]
     questions: list = [rg.RankingQuestion(
         name=RANKING, values={r: f"Response {r.rsplit('_', 1)[1]}" for r in responses},
-        title="Rank the responses from best (1) to worst", required=True)]
+        title="Rank the responses from best (1) to worst", required=True, client=client)]
     if spec.rating:
         questions.append(rg.RatingQuestion(name=RATING, values=[1, 2, 3, 4, 5], required=False,
-                                           title="How good is the best response? (1-5)"))
+                                           title="How good is the best response? (1-5)", client=client))
     if spec.correction:
         questions.append(rg.TextQuestion(name=CORRECTION, required=False, use_markdown=True,
-                                         title="Optional: a corrected, better answer"))
+                                         title="Optional: a corrected, better answer", client=client))
     return rg.Settings(
-        fields=[rg.TextField(name=PROMPT, title="Prompt", use_markdown=True),
-                *(rg.TextField(name=r, title=f"Response {i}", use_markdown=True)
+        fields=[rg.TextField(name=PROMPT, title="Prompt", use_markdown=True, client=client),
+                *(rg.TextField(name=r, title=f"Response {i}", use_markdown=True, client=client)
                   for i, r in enumerate(responses, start=1))],
         questions=questions,
-        metadata=[rg.TermsMetadataProperty(name=m) for m in (*METADATA, *spec.extra_metadata)],
+        metadata=[rg.TermsMetadataProperty(name=m, client=client) for m in (*METADATA, *spec.extra_metadata)],
         guidelines=guidelines_text,
         distribution=rg.TaskDistribution(min_submitted=spec.min_submitted),
         allow_extra_metadata=True,  # PROMPT_JSON and SOURCE_ID

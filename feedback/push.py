@@ -255,8 +255,8 @@ def run(cfg: PushConfig, log=print) -> dict:
     items, skipped = select_items(read_items(input_files(cfg)), cfg.dataset.k)
     if not items:
         raise FeedbackError(f"input: no record has k={cfg.dataset.k} candidates (skipped: {dict(skipped)})")
-    want = build_settings(cfg.dataset, _guidelines(cfg))
     client = connect(cfg.argilla)  # before scoring: an unreachable server fails fast
+    want = build_settings(cfg.dataset, _guidelines(cfg), client)
     agent, suggestions = suggest(cfg, items) if cfg.suggestions else (None, {})
 
     with sdk_errors(client):  # 403 for a key that may not create datasets, 422 for a record the server refuses

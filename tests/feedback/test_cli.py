@@ -115,3 +115,16 @@ def test_a_bad_recipe_names_the_field(tmp_path, env):
     recipe.write_text("input: x.jsonl\ndataset:\n  name: d\n  k: 1\n")
     p = rlhf("feedback", "push", "--config", str(recipe), env=env)
     assert p.returncode != 0 and "k" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_push_finds_the_embedded_server_without_argilla_env(tmp_path, env):
+    # Regression: the settings' fields and questions built the SDK's default client from ARGILLA_API_URL/KEY and
+    # failed with "Missing api_key" when the key came from the embedded server's home (the README's main job).
+    home_only = {k: v for k, v in env.items() if k not in ("ARGILLA_API_URL", "ARGILLA_API_KEY")}
+    candidates = tmp_path / "candidates.jsonl"
+    candidates.write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
+    recipe = tmp_path / "feedback.yaml"
+    recipe.write_text(f"input: {candidates}\ndataset:\n  name: cli-no-env\n  k: 3\n")
+    pushed = rlhf("feedback", "push", "--config", str(recipe), env=home_only)
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["records"]["new"] == 2
