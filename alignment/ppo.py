@@ -265,6 +265,7 @@ def train_loop(cfg: Config, roles: Roles, prompts: list[Any], prompt_ids: list[l
         if state.step % cfg.train.save_steps == 0 and state.step < updates:
             save_checkpoint(run_, roles, optimizer, scheduler, state, cfg.train.save_total_limit)
     writer.close()
+    run_.write_history([{"step": i + 1, **stats} for i, stats in enumerate(state.history)])
     first, last = state.history[0], state.history[-1]
     return {**{k.replace("/", "_"): v for k, v in last.items()}, "score_first": first["objective/score"],
             "score_last": last["objective/score"], "kl_first": first["objective/kl"], "updates": state.step,

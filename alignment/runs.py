@@ -311,6 +311,7 @@ class Run:
     model_dir = property(lambda self: self.dir / "model")  # full weights (full fine-tune or merged)
     # the tokenizer is saved beside the weights (adapter/ or model/), so either folder loads on its own
     logs_dir = property(lambda self: self.dir / "logs")  # TensorBoard
+    history_file = property(lambda self: self.dir / "history.json")  # every logged step, for plots without TensorBoard
     checkpoints_dir = property(lambda self: self.dir / "checkpoints")  # Trainer output_dir: checkpoint-N folders
 
     @classmethod
@@ -386,6 +387,12 @@ class Run:
         self._check_open()
         self.record["metrics"].update(_plain(metrics))
         self._save()
+
+    def write_history(self, entries: list[dict[str, Any]]) -> None:
+        """Every logged step (a list of ``{"step": n, metric: value}``) as ``history.json``: reports and plots read it
+        without TensorBoard; run.json keeps only first/last values."""
+        if self.writes:
+            write_json_atomic(self.history_file, _plain(entries))
 
     def finish(self, metrics: dict[str, Any] | None = None) -> None:
         self._check_open()

@@ -111,6 +111,7 @@ def fill_adalora_steps(peft_cfg: Any, train_cfg: Any, n_rows: int) -> None:
 def train(trainer: Trainer, run: Run, checkpoint: str | None) -> dict[str, Any]:
     """Train (from ``checkpoint`` when resuming), evaluate when there is an eval set; the metrics for run.json."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    run.write_history(trainer.state.log_history)  # the Trainer's entries carry "step"; evaluate() below adds no curve
     metrics = {"train_runtime_s": result.metrics.get("train_runtime"), "global_step": result.global_step,
                "epoch": trainer.state.epoch, "world_size": trainer.args.world_size,
                **log_history_metrics(trainer.state.log_history)}

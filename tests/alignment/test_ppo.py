@@ -229,6 +229,9 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(full_sft, toy, tmp_pat
     print(f"toy PPO: score {first:.3f} -> {last:.3f}, KL {kls[-1]:.2f}")
     assert last > first + 0.15 and last > 1.5 * first, scores
     assert max(kls) < 10.0, kls  # the KL penalty holds the policy near the SFT policy
+    history = json.loads((run_dir / "history.json").read_text())  # the same curves without TensorBoard
+    assert [h["step"] for h in history] == list(range(1, 31))
+    assert [h["objective/score"] for h in history] == pytest.approx(scores)
 
     record = load_run(run_dir)
     assert record["status"] == "finished" and record["stage"] == "ppo"

@@ -69,6 +69,11 @@ def test_sft_learns_records_the_run_and_skips_identical_reruns(tiny_model_dir, t
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "tokenizer.json").is_file()
     assert list((run_dir / "logs").glob("events.out.tfevents.*"))
+    # history.json keeps every logged step for the report's curves; its ends are run.json's first/last values
+    history = [h for h in json.loads((run_dir / "history.json").read_text()) if "loss" in h]
+    assert len(history) >= 4 and [h["step"] for h in history] == sorted(h["step"] for h in history)
+    assert history[0]["loss"] == pytest.approx(metrics["train_loss_first"])
+    assert history[-1]["loss"] == pytest.approx(metrics["train_loss_last"])
     assert record["datasets"][0]["fingerprint"]
     # the trained adapter reloads through the run directory and answers better than the base
     tokenizer = load_tokenizer(ModelConfig(str(run_dir)))
