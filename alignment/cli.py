@@ -16,7 +16,7 @@ import typer
 # stage name -> module; every module here has `Config` and `run(config) -> Path`
 STAGES = {}
 
-align_app = typer.Typer(help="Train: SFT, reward model, DPO (PPO follows) with LoRA-family adapters.",
+align_app = typer.Typer(help="Train and evaluate: SFT, reward model, DPO, PPO, GRPO, RLOO with LoRA-family adapters.",
                         no_args_is_help=True)
 model_app = typer.Typer(help="Models: build the tiny offline model used by tests and the sample.", no_args_is_help=True)
 
@@ -81,14 +81,14 @@ def tiny(
     """Build a small random-init Llama-family model with a BPE tokenizer trained on CORPUS and a chat template."""
     from alignment.models import build_tiny_model
 
-    files = list(corpus or _sample_corpus())
+    files = list(corpus or sample_corpus())
     if not files:
         raise typer.BadParameter("no corpus files given and the bundled sample was not found", param_hint="--corpus")
     path = build_tiny_model(out, files, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     typer.echo(f"tiny model: {path}")
 
 
-def _sample_corpus() -> list[Path]:
+def sample_corpus() -> list[Path]:
     raw = Path(__file__).resolve().parents[1] / "samples" / "telecom" / "raw"
     return sorted(p for p in raw.rglob("*") if p.suffix in (".md", ".txt", ".jsonl"))
 
@@ -119,3 +119,4 @@ register_stage("grpo", "alignment.grpo", "GRPO (trl.GRPOTrainer) from an SFT run
 register_stage("rloo", "alignment.rloo", "RLOO (trl.RLOOTrainer) from an SFT run; rewards: rm runs, Python rules.")
 register_stage("ppo", "alignment.ppo", "PPO from an SFT run and a reward (rm run or Python rule); policy, reference, "
                "value and reward share one base as adapters.")
+register_stage("eval", "alignment.evaluate", "Base vs SFT vs final policy: perplexity, reward accuracy, win rates.")

@@ -58,6 +58,11 @@ class RunError(ConfigError):
     mistake, so the CLI prints it as one line."""
 
 
+class InputsChanged(RunError):
+    """The output folder holds a run made from other inputs: ``rlhf run`` replaces it (its recipe owns the folder),
+    a single stage command refuses unless told to overwrite."""
+
+
 # --- fingerprints -------------------------------------------------------------------------------------------------
 
 def _sha256_file(path: Path) -> str:
@@ -331,7 +336,7 @@ class Run:
         if existing is not None and not overwrite:
             if existing["inputs_fingerprint"] != record["inputs_fingerprint"]:
                 diffs = _differences(_inputs(existing, output_only), _inputs(record, output_only))
-                raise RunError(f"{out_dir} holds a {existing['status']} {existing['stage']} run made from different "
+                raise InputsChanged(f"{out_dir} holds a {existing['status']} {existing['stage']} run made from different "
                                f"inputs: {'; '.join(diffs[:12]) or 'inputs fingerprint differs'}. Choose another "
                                "output folder, or overwrite to replace it")
             if existing["status"] == "finished":

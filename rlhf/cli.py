@@ -7,7 +7,10 @@ import sys
 
 import typer
 
-from alignment.cli import align_app, model_app
+from pathlib import Path
+from typing import Annotated, Optional
+
+from alignment.cli import SetOpt, align_app, model_app
 from curation.cli import curate
 from feedback.cli import feedback_app
 
@@ -29,6 +32,24 @@ app.command("curate")(curate)
 app.add_typer(align_app, name="align")
 app.add_typer(model_app, name="model")
 app.add_typer(feedback_app, name="feedback")
+
+
+@app.command("run")
+def run_pipeline(
+    recipe: Annotated[Path, typer.Argument(help="Pipeline recipe (YAML), e.g. samples/telecom/pipeline.yaml")],
+    set_: SetOpt = None,
+) -> None:
+    """The whole loop: curate -> sft -> generate -> push -> annotate -> pull -> rm -> ppo|dpo -> eval -> report.
+
+    Re-running skips unchanged stages and resumes an interrupted one. While people still have to rank, it stops
+    after the push, says what it waits for and exits with status 3; run it again later to go on."""
+    from rlhf.pipeline import WAITING_EXIT_CODE, load_pipeline, run, summary_lines
+
+    record = run(load_pipeline(recipe, set_ or []), recipe)
+    for line in summary_lines(record):
+        typer.echo(line)
+    if record["status"] == "waiting":
+        raise typer.Exit(WAITING_EXIT_CODE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_main_job_names_a_shipped_recipe():
-    main_cmd = next(c for c in _readme_commands() if "rlhf curate" in c)
-    recipe = re.search(r"rlhf curate (\S+)", main_cmd).group(1)
+    main_cmd = next(c for c in _readme_commands() if "rlhf run" in c)
+    assert "pip install -q torch==2.13.0 -e ." in main_cmd  # a fresh machine: set-up first, CPU torch
+    recipe = re.search(r"rlhf run (\S+)", main_cmd).group(1)
     assert (ROOT / recipe).is_file()
 
 

@@ -30,6 +30,12 @@ def test_shipped_recipe_loads(path):
         assert steps
         return
     stage = _stage(path)
+    if stage == "pipeline":  # every stage recipe it names, with its overrides, loads into that stage's config
+        from rlhf.pipeline import ORDER, load_pipeline, prepare_all
+
+        prepared = prepare_all(load_pipeline(path), log=lambda m: None)
+        assert list(prepared) == list(ORDER) and prepared["policy"].output
+        return
     if stage in FEEDBACK:
         import importlib
 
