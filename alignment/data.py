@@ -79,7 +79,9 @@ def _load_split(root: Path, split: str) -> datasets.Dataset | None:
     for suffix, builder in _SUFFIX_BUILDER.items():
         file = root / f"{split}{suffix}"
         if file.is_file():
-            return datasets.load_dataset(builder, data_files=str(file), split="train")
+            # an empty split file (a curated split that got no rows) is no split: datasets' JSON builder raises a
+            # bare StopIteration on a 0-byte file
+            return datasets.load_dataset(builder, data_files=str(file), split="train") if file.stat().st_size else None
     return None
 
 

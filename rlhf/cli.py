@@ -8,7 +8,7 @@ import sys
 import typer
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 from alignment.cli import SetOpt, align_app, model_app
 from curation.cli import curate

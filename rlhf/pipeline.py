@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from rlhf.config import ConfigError, load_config, redact_argv, redact_secrets
+from rlhf.stages import (Prepared, align_stage, annotate_stage, curate_stage, ensure_server, feedback_stage,
+                         waiting_message)
 
 ORDER = ("curate", "sft", "generate", "push", "annotate", "pull", "rm", "policy", "eval")
 POLICY_STAGES = ("ppo", "dpo", "grpo", "rloo")
@@ -137,140 +138,24 @@ def _beside(folder: Path, recipe: str, where: str) -> Path:
     return path
 
 
-# --- one stage ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class Prepared:
-    config: Any  # the stage's loaded config dataclass
-    output: Optional[Path]  # what it writes (fingerprinted); None for push / annotate
-    inputs: list[Path]  # files it reads that no earlier stage wrote (raw corpus, base model)
-    execute: Callable[[], Any]  # runs it; returns a summary for run.json
-
-
-def _curate(spec: StageSpec, log) -> Prepared:
-    from curation.recipe import load_recipe
-    from curation.run import run_curation
-
-    cfg = load_recipe(Path(spec.recipe), spec.overrides())
-    argv = ["curate", spec.recipe, *[a for o in spec.overrides() for a in ("--set", o)]]
-    return Prepared(cfg, Path(cfg.output.dir), _raw_inputs(cfg),
-                    lambda: str(run_curation(cfg, argv=argv, progress=True)))
-
-
-def _raw_inputs(cfg) -> list[Path]:
-    """Reader steps' files (``paths``/``eval_paths``, relative to the recipe's folder): the corpus is an input whose
-    edit must re-run curation and everything after it."""
-    base = Path(cfg.recipe_path).parent
-    found = []
-    for step in cfg.steps:
-        for key in ("paths", "eval_paths", "path"):
-            values = step.get(key) if isinstance(step, dict) else None
-            for value in [values] if isinstance(values, str) else values or []:
-                path = Path(value) if Path(value).is_absolute() else base / value
-                if path.exists():
-                    found.append(path)
-    return found
-
-
-def _align(stage: str, spec: StageSpec, extra: list[str] = ()) -> Prepared:
-    import importlib
-
-    from alignment.cli import STAGES, load_stage_config
-    from alignment.runs import InputsChanged
-
-    cfg = load_stage_config(stage, Path(spec.recipe), [*extra, *spec.overrides(), "resume=true"])
-    module = importlib.import_module(STAGES[stage])
-
-    def execute():
-        try:
-            return str(module.run(cfg))
-        except InputsChanged as e:  # an earlier stage changed: this recipe's folder is replaced, as rlhf run owns it
-            print(f"  replacing: {e}", file=sys.stderr)
-            cfg.overwrite = True
-            return str(module.run(cfg))
-    return Prepared(cfg, Path(cfg.output_dir), [], execute)
-
-
-def _feedback(module_name: str, spec: StageSpec, log) -> Prepared:
-    import importlib
-
-    module = importlib.import_module(module_name)
-    cfg = module.load_config(Path(spec.recipe), spec.overrides())
-    if module_name == "feedback.generate":
-        cfg.overwrite = True  # continues the same config's candidates; replaces those of another config
-    output = Path(cfg.output_dir) if hasattr(cfg, "output_dir") else None
-    return Prepared(cfg, output, [], lambda: module.run(cfg, log=log))
-
-
-# --- Argilla ------------------------------------------------------------------------------------------------------
-
-def ensure_server(server: ServerConfig, argilla, log) -> Optional[Any]:
-    """The embedded server this run started (to stop later), or None: an external server is configured, the
-    embedded one already runs, or starting is off (push then says how to start one)."""
-    from feedback.server_ctl import EmbeddedServer
-
-    if argilla.api_url or os.environ.get("ARGILLA_API_URL") or not server.start:
-        return None
-    srv = EmbeddedServer(home=argilla.home)
-    if srv.running():
-        return None
-    srv.start(port=server.port, redis_port=server.redis_port, log=log)
-    return srv
-
-
-def annotation_status(push_cfg, cfg: AnnotationConfig) -> dict[str, Any]:
-    """Where the ranking stands: records completed (min_submitted submitted rankings) out of the target, the UI's
-    address and the workspace's annotators; never a key or password."""
-    from feedback.annotators import list_annotators
-    from feedback.client import connect
-    from feedback.pull import find_dataset
-
-    client = connect(push_cfg.argilla)
-    workspace = push_cfg.argilla.workspace
-    ds = find_dataset(client, push_cfg.dataset.name, workspace)
-    progress = ds.progress(with_users_distribution=True)
-    url = push_cfg.argilla.resolve()[0]
-    target = min(cfg.target or progress["total"], progress["total"])
-    return {"mode": cfg.mode, "url": url, "dataset_url": f"{url}/dataset/{ds.id}/annotation-mode",
-            "dataset": push_cfg.dataset.name, "workspace": workspace,
-            "users": [u["username"] for u in list_annotators(client, workspace) if u["role"] == "annotator"],
-            "submitted": {user: sum(v.get(part, {}).get("submitted", 0) for part in ("completed", "pending"))
-                          for user, v in (progress.get("users") or {}).items()},
-            "completed": progress["completed"], "total": progress["total"], "target": target}
-
-
-def _annotate(spec: AnnotationConfig, push_cfg, log) -> Prepared:
-    from feedback import simulate
-
-    sim_cfg = simulate.load_config(Path(spec.simulate.recipe), spec.simulate.overrides()) if spec.simulate else None
-
-    def execute():
-        summary = None
-        if spec.mode == "simulated":
-            summary = simulate.run(sim_cfg, log=log)
-        status = annotation_status(push_cfg, spec)
-        return {"annotation": status, **({"simulation": summary} if summary else {})}
-    return Prepared(spec, None, [], execute)
-
-
 # --- the loop -----------------------------------------------------------------------------------------------------
 
 def _prepare(name: str, cfg: PipelineConfig, prepared: dict[str, Prepared], log) -> Prepared:
     spec = getattr(cfg.stages, name, None)
     if name == "curate":
-        return _curate(spec, log)
+        return curate_stage(spec, log)
     if name in ("sft", "rm"):
-        return _align(name, spec)
+        return align_stage(name, spec, log)
     if name == "policy":
-        return _align(spec.stage, spec)
+        return align_stage(spec.stage, spec, log)
     if name == "eval":  # evaluates this pipeline's runs unless the stage's `set:` says otherwise
         mine = {"sft": str(prepared["sft"].output), "policy": str(prepared["policy"].output),
                 "reward_model": str(prepared["rm"].output)}
-        return _align("eval", spec, [f"{k}={json.dumps(v)}" for k, v in mine.items()])
+        return align_stage("eval", spec, log, [f"{k}={json.dumps(v)}" for k, v in mine.items()])
     if name == "annotate":
-        return _annotate(cfg.annotation, prepared["push"].config, log)
+        return annotate_stage(cfg.annotation, prepared["push"].config, log)
     module = {"generate": "feedback.generate", "push": "feedback.push", "pull": "feedback.pull"}[name]
-    return _feedback(module, spec, log)
+    return feedback_stage(module, spec, log)
 
 
 def stage_key(name: str, prepared: Prepared, upstream: list[list[str]]) -> str:
@@ -330,7 +215,8 @@ def _new_record(cfg: PipelineConfig, recipe: str) -> dict[str, Any]:
 
     return {"format": 1, "kind": "pipeline", "name": cfg.name, "recipe": str(recipe), "status": "running",
             "started_at": utc_now(), "finished_at": None, "wall_time_s": 0.0,
-            "command": shlex.join(redact_argv(sys.argv)), "versions": versions((*VERSION_PACKAGES, "argilla", "spacy")),
+            "command": shlex.join(redact_argv(sys.argv)),
+            "versions": versions((*VERSION_PACKAGES, "argilla", "spacy")),
             "git_commit": git_commit(), "config": redact_secrets(dataclasses.asdict(cfg)),
             "annotation": {"mode": cfg.annotation.mode}, "stages": [], "error": None, "results": {}}
 
@@ -348,13 +234,6 @@ def _write_report(run_dir: Path, record: dict[str, Any], outputs: dict[str, Any]
     record["results"] = report.collect({k: outputs.get(k) for k in ("curate", "pull", "sft", "rm", "policy", "eval")},
                                        annotation=record["annotation"])
     return report.write(run_dir, record)
-
-
-def waiting_message(status: dict[str, Any]) -> str:
-    users = ", ".join(status["users"]) or "none yet: rlhf feedback annotators add NAME --workspace " + status["workspace"]
-    return (f"waiting for annotators: {status['completed']}/{status['target']} records ranked by enough people in "
-            f"{status['workspace']}/{status['dataset']}. Rank at {status['dataset_url']} (annotators: {users}); "
-            "run `rlhf run` again to go on")
 
 
 def prepare_all(cfg: PipelineConfig, log) -> dict[str, Prepared]:

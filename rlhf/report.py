@@ -1,11 +1,15 @@
 """Issue 6: one self-contained ``report.html`` per pipeline run: the data funnel, annotator agreement, training curves,
 the evaluation table and sample generations.
 
-Stdlib only (no matplotlib, no template engine) so ``rlhf`` stays instant: the plots are inline SVG drawn here, the
-page has no script and loads nothing from outside, so it opens offline and can be mailed as one file. Every number
-shown carries ``data-metric`` (its key path in the pipeline's ``run.json``, dot-joined) and ``data-value`` (the exact
-value as JSON), every plot ``data-curve="stage.curve"`` and one ``<circle>`` per point: tests/rlhf/report_check.py
-checks the rendered page against the record through those hooks.
+Stdlib only (no matplotlib, no template engine) so ``rlhf`` stays instant: the plots are inline SVG, the page has no
+script and loads nothing from outside, so it opens offline and can be mailed as one file. Every number shown carries
+``data-metric`` (its key path in the pipeline's ``run.json``, dot-joined) and ``data-value`` (the exact value as JSON),
+every plot ``data-curve="stage.curve"`` and one ``<circle>`` per point: tests/rlhf/report_check.py checks the rendered
+page against the record through those hooks.
+
+This module reads the stage outputs (`collect`) and lays out the page's sections (`render`, `write`); the building
+blocks (number formatting, hooked number spans, tables, the SVG plot, the style sheet) live in rlhf/report_html.py.
+``fmt``, ``plot`` and ``CSS`` are importable from here too, as before the split.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from rlhf.report_html import CSS, DASH, esc, fmt, lookup, num, plot, section, table
 
 REPORT_FILE = "report.html"
 STAGE_KEYS = ("curate", "pull", "sft", "rm", "policy", "eval")  # the keys `collect` accepts in `outputs`
@@ -33,7 +39,6 @@ TRAIN_METRICS = ("global_step", "updates", "epoch", "train_rows", "eval_rows", "
                  "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies", "score_first", "score_last",
                  "kl_first", "objective_kl", "eval_score", "eval_score_reference", "train_reward_first",
                  "train_reward_last", "kl", "trainable_params", "trainable_percent")
-DASH = "\u2014"
 
 
 # ------------------------------------------------------------------------------------------------------- collect
@@ -145,7 +150,8 @@ def collect(outputs: dict[str, str | Path | None], annotation: dict | None = Non
     unknown = sorted(set(outputs) - set(STAGE_KEYS))
     if unknown:
         raise ValueError(f"collect: unknown output keys {unknown}; known: {', '.join(STAGE_KEYS)}")
-    paths = {k: Path(v).parent if Path(v).is_file() else Path(v) for k, v in outputs.items() if v}  # a manifest: its folder
+    # a manifest file stands for its folder
+    paths = {k: Path(v).parent if Path(v).is_file() else Path(v) for k, v in outputs.items() if v}
     training = {k: _training(paths[k]) for k in TRAINING_STAGES if k in paths}
     # a stage not run is an empty section (not None), so `results["eval"].get("metrics")` needs no guard
     return _clean({"funnel": _funnel(paths["curate"]) if "curate" in paths else {},
@@ -154,133 +160,27 @@ def collect(outputs: dict[str, str | Path | None], annotation: dict | None = Non
                    "eval": _eval(paths["eval"]) if "eval" in paths else {}, "annotation": annotation})
 
 
-# ------------------------------------------------------------------------------------------------------- numbers
-def fmt(v: Any, pct: bool = False) -> str:
-    """How a value is shown: report_check.py accepts the text when it is the value rounded to the digits shown."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return DASH
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if pct and isinstance(v, (int, float)):
-        return f"{v * 100:.1f}%"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if v == 0 or (v.is_integer() and abs(v) < 1e15):
-            return f"{int(v):,}"
-        if abs(v) >= 1e4:
-            return f"{v:,.0f}"
-        if abs(v) < 1e-3:
-            return f"{v:.2e}"
-        text = f"{v:.{max(0, 3 - math.floor(math.log10(abs(v))))}f}"  # 4 significant digits
-        return text.rstrip("0").rstrip(".") if "." in text else text
-    return str(v)
-
-
-def _get(root: Any, keys: tuple) -> Any:
-    for k in keys:
-        if isinstance(root, dict):
-            root = root.get(k)
-        elif isinstance(root, list) and isinstance(k, int) and -len(root) <= k < len(root):
-            root = root[k]
-        else:
-            return None
-    return root
-
-
-def _num(record: dict, *keys: Any, pct: bool = False) -> str:
-    """The value at ``keys`` in ``record`` as a span with its test hooks; a missing value shows a dash."""
-    v = _get(record, keys)
-    path = html.escape(".".join(str(k) for k in keys))
-    return (f'<span class="num" data-metric="{path}" data-value="{html.escape(json.dumps(v))}">'
-            f"{html.escape(fmt(v, pct))}</span>")
-
-
-def _e(v: Any) -> str:
-    return DASH if v is None else html.escape(str(v))
-
-
-def _table(head: list[str], rows: list[list[str]], empty: str = "not run") -> str:
-    """Cells are HTML already (escape data before); no rows -> a dash line."""
-    if not rows:
-        return f'<p class="none">{DASH} {html.escape(empty)}</p>'
-    th = "".join(f"<th>{h}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _section(sid: str, title: str, *parts: str) -> str:
-    return f'<section id="{sid}"><h2>{html.escape(title)}</h2>{"".join(parts)}</section>'
-
-
-# ------------------------------------------------------------------------------------------------------- plots
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round-number ticks (1, 2, 2.5, 5 x 10^k) covering [lo, hi]."""
-    if hi - lo < 1e-12 * max(abs(lo), abs(hi), 1e-300):
-        pad = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / (n - 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
-    first = math.floor(lo / step + 1e-9)
-    ticks = [first * step]
-    while ticks[-1] < hi - step * 1e-9 and len(ticks) < 3 * n:
-        ticks.append((first + len(ticks)) * step)
-    return ticks
-
-
-def plot(curve_id: str, points: list, ylabel: str, width: int = 330, height: int = 190) -> str:
-    """An SVG line plot of ``[[step, value], ...]`` with axes, round ticks and one circle per point."""
-    left, right, top, bottom = 56, 10, 18, 34
-    xt = _ticks(min(p[0] for p in points), max(p[0] for p in points))
-    yt = _ticks(min(p[1] for p in points), max(p[1] for p in points))
-
-    def sx(x: float) -> float:
-        return left + (x - xt[0]) / (xt[-1] - xt[0]) * (width - left - right)
-
-    def sy(y: float) -> float:
-        return height - bottom - (y - yt[0]) / (yt[-1] - yt[0]) * (height - top - bottom)
-
-    cid = html.escape(curve_id)
-    svg = (f'<svg class="plot" data-curve="{cid}" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-           f'role="img" aria-label="{cid}"><text x="{left}" y="12" class="title">{html.escape(ylabel)}</text>')
-    out = [svg]
-    for y in yt:
-        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>'
-                   f'<text x="{left - 4}" y="{sy(y) + 3:.1f}" text-anchor="end">{y:.4g}</text>')
-    for x in xt:
-        out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 13}" text-anchor="middle">{x:g}</text>')
-    out.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}"/>'
-               f'<line class="axis" x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}"/>'
-               f'<text x="{(left + width - right) / 2}" y="{height - 4}" text-anchor="middle">step</text>')
-    out.append('<polyline points="' + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points) + '"/>')
-    r = 2.5 if len(points) <= 100 else 1.2
-    out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{r}" data-step="{json.dumps(x)}" '
-            f'data-value="{json.dumps(y)}"><title>step {x:g}: {fmt(y)}</title></circle>' for x, y in points]
-    return "".join(out) + "</svg>"
-
-
 # ------------------------------------------------------------------------------------------------------- sections
 def _header(rec: dict) -> str:
     status = str(rec.get("status") or "unknown")
     badge = status if status in ("running", "waiting", "finished", "failed") else "unknown"
     facts = [f'<span class="badge {badge}">{html.escape(status)}</span>',
-             f"started {_e(rec.get('started_at'))}", f"finished {_e(rec.get('finished_at'))}",
+             f"started {esc(rec.get('started_at'))}", f"finished {esc(rec.get('finished_at'))}",
              # no test hook: the pipeline stamps its wall time again when it saves run.json, after the report
-             f"wall time {html.escape(fmt(rec.get('wall_time_s')))} s", f"commit {_e(rec.get('git_commit'))}"]
+             f"wall time {html.escape(fmt(rec.get('wall_time_s')))} s", f"commit {esc(rec.get('git_commit'))}"]
     ver = ", ".join(f"{html.escape(str(k))} {html.escape(str(v))}" for k, v in (rec.get("versions") or {}).items())
     error = rec.get("error") or None  # the report must not hide what ended a failed run
     if error is not None:
         error = error if isinstance(error, dict) else {"message": error}
-        error = f'<div class="error">{_e(error.get("type") or "Error")}: {_e(error.get("message"))}</div>'
-    return (f'<section id="summary"><h1>{_e(rec.get("name"))}</h1><p>{" · ".join(facts)}</p>'
+        error = f'<div class="error">{esc(error.get("type") or "Error")}: {esc(error.get("message"))}</div>'
+    return (f'<section id="summary"><h1>{esc(rec.get("name"))}</h1><p>{" · ".join(facts)}</p>'
             + (f'<p class="small">{ver}</p>' if ver else "") + (error or "") + "</section>")
 
 
 def _banner(rec: dict) -> str:
     """The issue demands simulated rankings be labelled: by the pipeline's mode, or by the pull's sim-* names."""
     ann = rec.get("annotation") or {}
-    names = _get(rec, ("results", "feedback", "simulated_annotators")) or []
+    names = lookup(rec, ("results", "feedback", "simulated_annotators")) or []
     if ann.get("mode") != "simulated" and not names:
         return ""
     who = f" ({html.escape(', '.join(map(str, names)))})" if names else ""
@@ -293,7 +193,7 @@ def _annotators(rec: dict) -> str:
     ann = rec.get("annotation") or {}
     names = [u.get("username") or u.get("name") if isinstance(u, dict) else u for u in ann.get("users") or []]
     done = ann.get("submitted") if isinstance(ann.get("submitted"), dict) else {}
-    return ", ".join(html.escape(str(n)) + (f" ({_num(rec, 'annotation', 'submitted', n)} submitted)"
+    return ", ".join(html.escape(str(n)) + (f" ({num(rec, 'annotation', 'submitted', n)} submitted)"
                                             if n in done else "") for n in names if n) or DASH
 
 
@@ -303,38 +203,39 @@ def _waiting(rec: dict) -> str:
     ann = rec.get("annotation") or {}
     url = str(ann.get("dataset_url") or ann.get("url") or "")
     link = (f'<a href="{html.escape(url)}">{html.escape(url)}</a>' if url.startswith(("http://", "https://"))
-            else _e(url or None))  # only a web address becomes a link (never javascript:)
-    return (f'<div id="waiting" class="waiting"><b>Waiting for annotators:</b> {_num(rec, "annotation", "completed")}'
-            f' / {_num(rec, "annotation", "target")} records ranked. Rank at {link}. Annotators: {_annotators(rec)}. '
+            else esc(url or None))  # only a web address becomes a link (never javascript:)
+    return (f'<div id="waiting" class="waiting"><b>Waiting for annotators:</b> {num(rec, "annotation", "completed")}'
+            f' / {num(rec, "annotation", "target")} records ranked. Rank at {link}. Annotators: {_annotators(rec)}. '
             "Run <code>rlhf run</code> again to go on.</div>")
 
 
 def _stages(rec: dict) -> str:
-    rows = [[_e(s.get("name")), _e(s.get("status")), _num(rec, "stages", i, "wall_time_s"), _e(s.get("output"))]
+    rows = [[esc(s.get("name")), esc(s.get("status")), num(rec, "stages", i, "wall_time_s"), esc(s.get("output"))]
             for i, s in enumerate(rec.get("stages") or []) if isinstance(s, dict)]
-    return _section("stages", "Stages", _table(["stage", "status", "wall time (s)", "output"], rows, "no stages"))
+    return section("stages", "Stages", table(["stage", "status", "wall time (s)", "output"], rows, "no stages"))
 
 
 def _funnel_html(rec: dict) -> str:
-    f = _get(rec, ("results", "funnel"))
+    f = lookup(rec, ("results", "funnel"))
     if not f:
-        return _section("funnel", "Data funnel", _table([], [], "curation not run"))
+        return section("funnel", "Data funnel", table([], [], "curation not run"))
     p = ("results", "funnel")
     by_step = [s for s in f.get("by_step") or [] if isinstance(s, dict)]
     top = max([s[k] for s in by_step for k in ("in", "kept") if _is_num(s.get(k))] + [1])
-    steps = [[_e(s.get("step")), _e(s.get("type")), _num(rec, *p, "by_step", i, "in"), _num(rec, *p, "by_step", i, "created"),
-              _num(rec, *p, "by_step", i, "kept"), _num(rec, *p, "by_step", i, "dropped"),
+    steps = [[esc(s.get("step")), esc(s.get("type")), num(rec, *p, "by_step", i, "in"),
+              num(rec, *p, "by_step", i, "created"), num(rec, *p, "by_step", i, "kept"),
+              num(rec, *p, "by_step", i, "dropped"),
               f'<div class="bar" style="width:{100 * (s["kept"] if _is_num(s.get("kept")) else 0) / top:.1f}%"></div>']
              for i, s in enumerate(by_step)]
 
     def keyed(key: str, head: list[str]) -> str:
-        return _table(head, [[_e(k), _num(rec, *p, key, k)] for k in f.get(key) or {}], "none")
+        return table(head, [[esc(k), num(rec, *p, key, k)] for k in f.get(key) or {}], "none")
 
-    dup = " · ".join(f"{k} {_num(rec, *p, 'duplicates', k)}" for k in f.get("duplicates") or {}) or DASH
-    return _section("funnel", "Data funnel",
-                    f"<p>read {_num(rec, *p, 'read')} · created {_num(rec, *p, 'created')} · kept "
-                    f"{_num(rec, *p, 'kept')} · dropped {_num(rec, *p, 'dropped')}</p>",
-                    _table(["step", "type", "in", "created", "kept", "dropped", "kept (bar)"], steps, "no steps"),
+    dup = " · ".join(f"{k} {num(rec, *p, 'duplicates', k)}" for k in f.get("duplicates") or {}) or DASH
+    return section("funnel", "Data funnel",
+                    f"<p>read {num(rec, *p, 'read')} · created {num(rec, *p, 'created')} · kept "
+                    f"{num(rec, *p, 'kept')} · dropped {num(rec, *p, 'dropped')}</p>",
+                    table(["step", "type", "in", "created", "kept", "dropped", "kept (bar)"], steps, "no steps"),
                     '<div class="cols"><div><h3>Drops by reason</h3>', keyed("drops_by_reason", ["reason", "records"]),
                     '</div><div><h3>PII replaced</h3>', keyed("pii", ["type", "count"]),
                     '</div><div><h3>Datasets</h3>', keyed("datasets", ["dataset/split", "rows"]),
@@ -342,26 +243,26 @@ def _funnel_html(rec: dict) -> str:
 
 
 def _feedback_html(rec: dict) -> str:
-    ann = (f"<p>annotation: mode {_e((rec.get('annotation') or {}).get('mode'))} · completed "
-           f"{_num(rec, 'annotation', 'completed')} / target {_num(rec, 'annotation', 'target')} (of "
-           f"{_num(rec, 'annotation', 'total')}) · annotators: {_annotators(rec)}</p>")
-    f = _get(rec, ("results", "feedback"))
+    ann = (f"<p>annotation: mode {esc((rec.get('annotation') or {}).get('mode'))} · completed "
+           f"{num(rec, 'annotation', 'completed')} / target {num(rec, 'annotation', 'target')} (of "
+           f"{num(rec, 'annotation', 'total')}) · annotators: {_annotators(rec)}</p>")
+    f = lookup(rec, ("results", "feedback"))
     if not f:
-        return _section("feedback", "Human feedback", ann, _table([], [], "no rankings pulled"))
+        return section("feedback", "Human feedback", ann, table([], [], "no rankings pulled"))
     p = ("results", "feedback")
-    facts = " · ".join(f"{label} {_num(rec, *p, key)}" for key, label in (
+    facts = " · ".join(f"{label} {num(rec, *p, key)}" for key, label in (
         ("records", "records ranked"), ("submitted", "responses submitted"), ("pairs", "preference pairs"),
         ("waiting", "records waiting"), ("comparisons", "comparisons"), ("pairwise_agreement", "pairwise agreement"),
         ("krippendorff_alpha", "Krippendorff alpha (ordinal)"), ("simulated", "simulated")))
-    rows = [[_e(name) + (" (simulated)" if name in (f.get("simulated_annotators") or []) else ""),
-             _num(rec, *p, "annotators", name, "records"), _num(rec, *p, "annotators", name, "pairs")]
+    rows = [[esc(name) + (" (simulated)" if name in (f.get("simulated_annotators") or []) else ""),
+             num(rec, *p, "annotators", name, "records"), num(rec, *p, "annotators", name, "pairs")]
             for name in f.get("annotators") or {}]
-    return _section("feedback", "Human feedback and agreement", ann, f"<p>{facts}</p>",
-                    _table(["annotator", "records", "pairs"], rows, "no annotators"))
+    return section("feedback", "Human feedback and agreement", ann, f"<p>{facts}</p>",
+                    table(["annotator", "records", "pairs"], rows, "no annotators"))
 
 
 def _training_html(rec: dict) -> str:
-    training = _get(rec, ("results", "training")) or {}
+    training = lookup(rec, ("results", "training")) or {}
     parts = []
     for stage in [*TRAINING_STAGES, *[s for s in training if s not in TRAINING_STAGES]]:
         t = training.get(stage)
@@ -371,78 +272,59 @@ def _training_html(rec: dict) -> str:
         p = ("results", "training", stage)
         plots = [plot(f"{stage}.{name}", pts, f"{name} ({(t.get('curve_keys') or {}).get(name, name)})")
                  for name, pts in (t.get("curves") or {}).items() if pts]
-        metrics = [[html.escape(k), _num(rec, *p, "metrics", k)] for k in t.get("metrics") or {}]
-        parts.append(f"<h3>{html.escape(stage)}: {_e(t.get('kind'))} run, {_e(t.get('status'))}, "
-                     f"{_num(rec, *p, 'wall_time_s')} s</h3>" + ("" if plots else '<p class="none">no logged steps</p>')
-                     + f'<div class="plots">{"".join(plots)}{_table(["metric", "value"], metrics, "no metrics")}</div>')
-    return _section("training", "Training", *parts)
+        metrics = [[html.escape(k), num(rec, *p, "metrics", k)] for k in t.get("metrics") or {}]
+        parts.append(f"<h3>{html.escape(stage)}: {esc(t.get('kind'))} run, {esc(t.get('status'))}, "
+                     f"{num(rec, *p, 'wall_time_s')} s</h3>" + ("" if plots else '<p class="none">no logged steps</p>')
+                     + f'<div class="plots">{"".join(plots)}{table(["metric", "value"], metrics, "no metrics")}</div>')
+    return section("training", "Training", *parts)
 
 
 def _eval_html(rec: dict) -> str:
     p = ("results", "eval", "metrics")
-    m = _get(rec, p)
+    m = lookup(rec, p)
     if not m:
-        return _section("eval", "Evaluation", _table([], [], "evaluation not run"))
+        return section("eval", "Evaluation", table([], [], "evaluation not run"))
     cols = ("base", "sft", "policy")
-    rows = [[label] + [_num(rec, *p, key, c, pct=pct) for c in cols] for key, label, pct in (
+    rows = [[label] + [num(rec, *p, key, c, pct=pct) for c in cols] for key, label, pct in (
         ("perplexity", "perplexity (held-out)", False), ("general_perplexity", "perplexity (general text)", False),
         ("mean_reward", "mean reward", False), ("no_eos_rate", "answers without EOS", True))]
     singles = [("reward_accuracy", "RM accuracy", True), ("reward_margin", "RM margin", False),
                ("reward_pairs", "RM pairs", False), ("reference_reward", "mean reward of the references", False),
                ("prompts", "prompts", False)]
     wins = [("policy_vs_sft", "policy vs SFT"), ("policy_vs_base", "policy vs base"), ("sft_vs_base", "SFT vs base")]
-    more = ([[label, _num(rec, *p, key, pct=pct)] for key, label, pct in singles]
-            + [[f"win rate {label}", _num(rec, *p, "win_rate", key, pct=True)] for key, label in wins]
-            + [[f"tokens ({k})", _num(rec, *p, "tokens", k)] for k in ("heldout", "general")])
-    return _section("eval", "Evaluation", _table(["metric", "base", "SFT", "policy"], rows),
-                    _table(["metric", "value"], more))
+    more = ([[label, num(rec, *p, key, pct=pct)] for key, label, pct in singles]
+            + [[f"win rate {label}", num(rec, *p, "win_rate", key, pct=True)] for key, label in wins]
+            + [[f"tokens ({k})", num(rec, *p, "tokens", k)] for k in ("heldout", "general")])
+    return section("eval", "Evaluation", table(["metric", "base", "SFT", "policy"], rows),
+                    table(["metric", "value"], more))
 
 
 def _text(v: Any) -> str:
     """A sample field: plain text, or a conversation (list of {role, content}) one turn a line."""
     if isinstance(v, list):
         v = "\n".join(f"{m.get('role')}: {m.get('content')}" if isinstance(m, dict) else str(m) for m in v)
-    return f'<div class="text">{_e(v)}</div>'
+    return f'<div class="text">{esc(v)}</div>'
 
 
 def _samples_html(rec: dict) -> str:
-    samples = _get(rec, ("results", "eval", "samples")) or []
+    samples = lookup(rec, ("results", "eval", "samples")) or []
     cards = []
     for i, s in enumerate(samples):
         if not isinstance(s, dict):
             continue
         p = ("results", "eval", "samples", i, "score")
-        cols = "".join(f'<div><h4>{c} · score {_num(rec, *p, c)}</h4>{_text(s.get(c))}</div>'
+        cols = "".join(f'<div><h4>{c} · score {num(rec, *p, c)}</h4>{_text(s.get(c))}</div>'
                        for c in ("base", "sft", "policy"))
         cards.append(f'<div class="sample"><h4>prompt</h4>{_text(s.get("prompt"))}<h4>reference</h4>'
                      f'{_text(s.get("reference"))}<div class="side">{cols}</div></div>')
-    return _section("samples", "Sample generations", "".join(cards) or f'<p class="none">{DASH} no samples</p>')
-
-
-CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1180px;padding:16px;color:#1d2433}
-h1{margin:0 0 4px}h2{border-bottom:2px solid #d8dee9;padding-bottom:3px;margin-top:28px}h3{margin:18px 0 6px}
-h4{margin:8px 0 2px;font-size:13px}table{border-collapse:collapse;margin:6px 0}
-td,th{border:1px solid #d8dee9;padding:2px 8px;text-align:left;vertical-align:top}th{background:#eef1f6}
-.num{font-variant-numeric:tabular-nums}.small{font-size:12px;color:#56607a}.none{color:#7a8399}
-.badge{padding:1px 8px;border-radius:9px;color:#fff;background:#7a8399}.finished{background:#2e7d32}
-.running{background:#1565c0}.waiting{background:#ef6c00}.failed{background:#c62828}
-.error{background:#ffebee;border:2px solid #c62828;padding:8px 12px;white-space:pre-wrap}
-.banner{background:#b71c1c;color:#fff;font-weight:700;padding:10px 14px;margin:10px 0;border-radius:4px}
-div.waiting{background:#fff3e0;border:2px solid #ef6c00;padding:10px 14px;margin:10px 0;color:#1d2433}
-.bar{background:#5c7cfa;height:10px;min-width:1px}.cols{display:flex;gap:28px;flex-wrap:wrap}
-.plots{display:flex;flex-wrap:wrap;gap:8px}.plot{border:1px solid #d8dee9;background:#fff}
-.plot text{font-size:10px;fill:#56607a}.plot .title{font-size:11px;fill:#1d2433}.plot .grid{stroke:#eef1f6}
-.plot .axis{stroke:#56607a}.plot polyline{fill:none;stroke:#3b5bdb;stroke-width:1.5}.plot circle{fill:#3b5bdb}
-.sample{border:1px solid #d8dee9;padding:8px;margin:10px 0}
-.side{display:grid;grid-template-columns:1fr 1fr 1fr;gap:8px}
-.text{white-space:pre-wrap;background:#f6f8fb;padding:4px 6px;font-family:ui-monospace,monospace;font-size:12px}"""
+    return section("samples", "Sample generations", "".join(cards) or f'<p class="none">{DASH} no samples</p>')
 
 
 def render(record: dict) -> str:
     """The complete page for a pipeline run record (its run.json: name, status, stages, annotation, results)."""
     body = "".join(part(record) for part in (_header, _banner, _waiting, _stages, _funnel_html, _feedback_html,
                                               _training_html, _eval_html, _samples_html))
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(record.get("name"))} report'
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(record.get("name"))} report'
             f'</title><meta name="viewport" content="width=device-width"><style>{CSS}</style></head>'
             f"<body>{body}</body></html>\n")
 

@@ -67,3 +67,14 @@ def test_mixture_samples_by_weight_deterministically(tmp_path):
     assert 0.15 < from_b / len(mixed) < 0.35  # weight 1 of 4
     assert load_mixture(cfgs, "sft", seed=0)["messages"] == mixed["messages"]
     assert load_mixture(cfgs, "sft", seed=0, eval=True) is None  # no test split anywhere
+
+
+def test_an_empty_split_file_is_no_split(tmp_path):
+    # a curated kind folder whose test split got no rows (small sets: the split step hashes prompts) has a 0-byte
+    # test.jsonl; datasets' JSON builder raised a bare StopIteration on it
+    out = tmp_path / "kind"
+    out.mkdir()
+    (out / "train.jsonl").write_text("".join(json.dumps(_pair(i)) + "\n" for i in range(3)))
+    (out / "test.jsonl").write_text("")
+    assert load_split(DataConfig(str(out)), "dpo", "test") is None
+    assert len(load_split(DataConfig(str(out)), "dpo", "train")) == 3

@@ -253,4 +253,4 @@ def test_report_module_imports_only_the_standard_library():
     code = ("import sys; before = set(sys.modules); import rlhf.report; "
             "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in sys.stdlib_module_names))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out.replace("'", '"')) == ["rlhf", "rlhf.report"]
+    assert json.loads(out.replace("'", '"')) == ["rlhf", "rlhf.report", "rlhf.report_html"]
