@@ -284,9 +284,11 @@ def run(cfg: PipelineConfig, recipe: str | Path, log: Callable[[str], None] = la
         if record["status"] == "running":
             record["status"] = "finished"
     except BaseException as e:
-        record.update(status="failed", error={"type": type(e).__name__, "message": str(e)})
+        # Ctrl-C is not a failure of the stage: "interrupted" tells the next run (and the reader) it can resume
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record.update(status=status, error={"type": type(e).__name__, "message": str(e)})
         if name is not None:
-            record["stages"].append({"name": name, "status": "failed"})
+            record["stages"].append({"name": name, "status": status})
         raise
     finally:
         _not_reached(record, before)
@@ -309,7 +311,7 @@ def _finish(cfg: PipelineConfig, run_dir: Path, record: dict, outputs: dict, t0:
     try:
         record["report"] = str(_write_report(run_dir, record, outputs))
     except Exception as e:
-        if record["status"] != "failed":
+        if record["status"] not in ("failed", "interrupted"):
             raise
         log(f"report not written ({type(e).__name__}: {e})")
     finally:
