@@ -156,8 +156,6 @@ def _split(cfg: DataConfig, stage: str, split: str, name: str) -> datasets.Datas
         return load_split(cfg, stage, split)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{name}: {e}") from None
-    except StopIteration:  # datasets 5.2's JSON builder on a 0-byte split file: the split is empty
-        return None
 
 
 def _pairs(cfg: Config) -> tuple[DataConfig | None, datasets.Dataset | None]:
