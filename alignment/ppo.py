@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,9 +253,13 @@ def train_loop(cfg: Config, roles: Roles, prompts: list[Any], prompt_ids: list[l
     writer = SummaryWriter(str(run_.logs_dir), purge_step=state.step + 1 if checkpoint else None)
     for update in range(state.step, updates):
         rows = batch_indices(update, size, len(prompts), cfg.train.seed)
+        started = time.perf_counter()
         batch = make_rollout(cfg, roles, [prompts[i] for i in rows], [prompt_ids[i] for i in rows], state.kl.value,
                              state.moments)
+        rolled = time.perf_counter()
         stats = {**rollout_stats(batch, state.kl.value), **ppo_update(cfg, roles, batch, params, optimizer, scheduler)}
+        # where an update's time goes (generation + scoring vs the PPO epochs): what bench/ppo_layout.py compares
+        stats.update({"time/rollout_s": rolled - started, "time/update_s": time.perf_counter() - rolled})
         state.kl.update(stats["objective/kl"], size)
         state.step = update + 1
         state.history.append(stats)

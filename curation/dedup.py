@@ -6,7 +6,8 @@
   Massive Datasets", ch. 3), then confirmed on the signatures.
 
 Both look at :func:`document_text` (for a conversation, all its turns). A dropped record goes to the rejects file as
-a copy whose ``meta.duplicate_of`` names the kept record, so every cluster can be read back from the rejects.
+a copy whose ``meta.duplicate_of`` names the kept record, so every cluster can be read back from the rejects (with
+``transitive: true`` a record may match a dropped member of a cluster: ``meta.matched`` then names that member).
 
 MinHash is vectorised per document: each word is hashed once, all shingle hashes come from one rolling NumPy
 combination, and all hash functions are applied at once as a (num_perm x shingles) matrix.
@@ -127,14 +128,16 @@ class MinHasher:
 
 
 class LshIndex:
-    """Signatures of kept documents in blocks of a uint32 array, and one dict per band from the band's hash to the
-    kept documents (an int, or a list once a second one shares that band) that have it."""
+    """Signatures of indexed documents in blocks of a uint32 array, and one dict per band from the band's hash to the
+    documents (an int, or a list once a second one shares that band) that have it. Each document also names the
+    kept document of its cluster (``reps``): itself when kept, the record it was dropped for otherwise."""
 
     def __init__(self, num_perm: int, bands: int, rows: int):
         self.num_perm, self.bands, self.rows = num_perm, bands, rows
         self.tables: list[dict[int, int | list[int]]] = [{} for _ in range(bands)]
         self.blocks: list[np.ndarray] = []
         self.ids: list[object] = []
+        self.reps: list[int] = []
 
     def band_keys(self, signature: np.ndarray) -> list[int]:
         raw = signature.tobytes()
@@ -157,7 +160,8 @@ class LshIndex:
         stored = self.blocks[index // _BLOCK][index % _BLOCK]
         return int(np.count_nonzero(stored == signature)) / self.num_perm
 
-    def add(self, signature: np.ndarray, keys: list[int], doc_id: object) -> int:
+    def add(self, signature: np.ndarray, keys: list[int], doc_id: object, rep: int | None = None) -> int:
+        """Index a document; ``rep`` is the index of its cluster's kept document (None: it is kept itself)."""
         import numpy as np
 
         index = len(self.ids)
@@ -165,6 +169,7 @@ class LshIndex:
             self.blocks.append(np.empty((_BLOCK, self.num_perm), dtype=np.uint32))
         self.blocks[-1][index % _BLOCK] = signature
         self.ids.append(doc_id)
+        self.reps.append(index if rep is None else rep)
         for table, key in zip(self.tables, keys):
             hit = table.get(key)
             if hit is None:
@@ -187,6 +192,11 @@ class MinhashDedup(Step):
     bands: int | None = None  # LSH bands; None: bands and rows chosen from threshold and num_perm (recall-leaning)
     rows: int | None = None  # signature values per band (bands * rows <= num_perm); None: chosen with bands
     hash_seed: int | None = None  # seed of the hash functions; None: the recipe's seed
+    # Also compare with earlier *dropped* records, each standing for the kept record of its cluster: a record joins a
+    # cluster through any member it matches (single linkage, as datatrove's MinhashDedupCluster and Lee et al. 2022,
+    # "Deduplicating Training Data Makes Language Models Better", cluster). More recall near the threshold, where
+    # the first member's estimate may fall just short; the index then holds every record's signature.
+    transitive: bool = False
 
     per_record = False
 
@@ -213,6 +223,8 @@ class MinhashDedup(Step):
         if self.bands * self.rows > self.num_perm:
             raise CurationError(f"minhash_dedup: bands * rows must be <= num_perm ({self.num_perm}), got "
                                 f"{self.bands} * {self.rows} = {self.bands * self.rows}")
+        if not isinstance(self.transitive, bool):
+            raise CurationError(f"minhash_dedup: transitive must be true or false, got {self.transitive!r}")
         if self.hash_seed is not None and (isinstance(self.hash_seed, bool) or not isinstance(self.hash_seed, int)
                                            or self.hash_seed < 0):
             raise CurationError(f"minhash_dedup: hash_seed must be a non-negative integer, got {self.hash_seed!r}")
@@ -234,13 +246,18 @@ class MinhashDedup(Step):
                 index.add(signature, keys, record.get("id"))
                 yield record
                 continue
-            if match not in clustered:
-                clustered.add(match)
+            kept = index.reps[match]
+            if kept not in clustered:
+                clustered.add(kept)
                 self.counters["clusters"] += 1
-            self.drop(mark_duplicate(record, index.ids[match], jaccard_estimate=round(jaccard, 4)), "near_duplicate")
+            extra = {"matched": index.ids[match]} if match != kept else {}
+            self.drop(mark_duplicate(record, index.ids[kept], jaccard_estimate=round(jaccard, 4), **extra),
+                      "near_duplicate")
+            if self.transitive:
+                index.add(signature, keys, record.get("id"), rep=kept)
 
     def _best_match(self, index: LshIndex, signature: np.ndarray, keys: list[int]) -> tuple[int | None, float]:
-        """The kept candidate with the highest estimated Jaccard at or above the threshold (earliest on ties).
+        """The indexed candidate with the highest estimated Jaccard at or above the threshold (earliest on ties).
         Banding alone lets through pairs below the threshold (the S-curve is not a step); the estimate cuts them."""
         best, best_jaccard = None, -1.0
         for candidate in index.candidates(keys):

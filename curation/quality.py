@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import filterfalse
 
 from curation.records import KINDS, Record, document_text, record_kind, words
 from curation.steps import CurationError, Filter, register
@@ -37,6 +38,17 @@ def _ngrams(ws: tuple[str, ...], n: int) -> Iterator[tuple[str, ...]]:
 
 def _covered_chars(ws: tuple[str, ...], covered: bytearray) -> int:
     return sum(len(w) for w, c in zip(ws, covered) if c)
+
+
+def alpha_word_count(ws: tuple[str, ...]) -> int:
+    """Words with at least one letter. Most words are all letters, and ``filterfalse(str.isalpha, ...)`` passes
+    over those in C; only the rest (numbers, words with digits or apostrophes) are looked at letter by letter."""
+    return len(ws) - sum(1 for w in filterfalse(str.isalpha, ws) if not any(map(str.isalpha, w)))
+
+
+def stop_word_count(ws: tuple[str, ...], stops: frozenset[str]) -> int:
+    """Occurrences of ``stops`` (lower-case) among the words, case-insensitively; counted in C, not word by word."""
+    return sum(map(stops.__contains__, map(str.lower, ws)))
 
 
 def duplicate_stats(items: list[str]) -> tuple[float, float]:
@@ -185,23 +197,31 @@ class GopherQuality(Filter):
         if self.max_ellipsis_lines is not None and \
                 sum(line.endswith(ELLIPSES) for line in lines) / len(lines) > self.max_ellipsis_lines:
             return "ellipsis_lines"
-        if self.min_alpha_words is not None and \
-                sum(any(c.isalpha() for c in w) for w in ws) / n < self.min_alpha_words:
+        if self.min_alpha_words is not None and alpha_word_count(ws) / n < self.min_alpha_words:
             return "alpha_words"
-        if self.min_stop_words is not None:
-            stops = set(w.lower() for w in self.stop_words)
-            if sum(w.lower() in stops for w in ws) < self.min_stop_words:
-                return "stop_words"
+        if self.min_stop_words is not None and stop_word_count(ws, self._stop_set()) < self.min_stop_words:
+            return "stop_words"
         return None
 
+    def _stop_set(self) -> frozenset[str]:
+        """The lower-cased stop words, built once per step (and again in a worker: "_" attributes are not pickled)."""
+        stops = self.__dict__.get("_stops")
+        if stops is None:
+            stops = self.__dict__["_stops"] = frozenset(w.lower() for w in self.stop_words)
+        return stops
+
     def repetition_reason(self, text: str, ws: tuple[str, ...]) -> str | None:
-        """Gopher's repetition rules (Rae et al. 2021, table A1): repeated lines, paragraphs and n-grams."""
-        lines = [line.strip() for line in text.split("\n") if line.strip()]
-        line_frac, line_chars = duplicate_stats(lines)
+        """Gopher's repetition rules (Rae et al. 2021, table A1): repeated lines, paragraphs and n-grams. Each
+        statistic is only computed when a rule that reads it is on."""
+        line_frac = line_chars = para_frac = para_chars = 0.0
+        if self.max_dup_lines is not None or self.max_dup_line_chars is not None:
+            lines = [line.strip() for line in text.split("\n") if line.strip()]
+            line_frac, line_chars = duplicate_stats(lines)
         if self.max_dup_lines is not None and line_frac > self.max_dup_lines:
             return "dup_lines"
-        paragraphs = [p.strip() for p in _PARAGRAPH_RE.split(text) if p.strip()]
-        para_frac, para_chars = duplicate_stats(paragraphs)
+        if self.max_dup_paragraphs is not None or self.max_dup_paragraph_chars is not None:
+            paragraphs = [p.strip() for p in _PARAGRAPH_RE.split(text) if p.strip()]
+            para_frac, para_chars = duplicate_stats(paragraphs)
         if self.max_dup_paragraphs is not None and para_frac > self.max_dup_paragraphs:
             return "dup_paragraphs"
         if self.max_dup_line_chars is not None and line_chars > self.max_dup_line_chars:

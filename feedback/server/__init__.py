@@ -2,6 +2,6 @@
 
 Nothing in the main venv imports this package: ``feedback.server_ctl`` runs ``launcher.py`` as a script with the
 server venv's Python, and the launcher puts this folder on ``sys.path`` so its siblings import as top-level modules
-(``engine``, ``sql_query``). ``launcher.py`` (the CLI and the two request-path patches), ``engine.py`` (the search
+(``engine``, ``sql_query``). ``launcher.py`` (the CLI and its patches of argilla-server), ``engine.py`` (the search
 engine) and ``sql_query.py`` (searches compiled to SQL) are the only modules that import ``argilla_server``.
 """

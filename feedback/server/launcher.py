@@ -7,7 +7,8 @@ Usage (with the server venv's python): ``python launcher.py COMMAND [ARGS] [++ C
   things of argilla-server 2.8 in its process: the membership check is asked once per request
   (``_remember_membership``), the record endpoint shows an annotator only their own response
   (``_own_responses_only``), and bulk upserts build no webhook events when no webhook is enabled
-  (``_no_events_without_webhooks``).
+  (``_no_events_without_webhooks``). Every argilla_server command builds the pydantic validators of question and
+  metadata settings once, not once per record (``_settings_adapters_built_once``).
 * ``owner [--rotate]``: make sure the owner user exists with the credentials given as a JSON object on stdin
   (username, password, api_key, workspace); ``--rotate`` also sets a new password and API key on an existing owner
   (owner.json was lost but the database kept).
@@ -111,8 +112,9 @@ def _no_events_without_webhooks() -> None:
 
     argilla-server 2.8 builds a webhook event for every record a bulk request creates or updates (reloads the dataset
     with five relationships, serialises the record) and only then finds that no webhook listens: ~7 SQL queries and a
-    pydantic dump per record, which made `rlhf feedback push` ingest ~20 records/s. Asking for enabled webhooks first
-    costs one query; with webhooks configured, events are built and sent exactly as before."""
+    pydantic dump per record, which made `rlhf feedback push` ingest ~20 records/s. Whether any webhook is enabled is
+    asked once per database session (one request: a bulk of up to 500 records), not once per record (that query was
+    5% of a bulk insert's CPU); with webhooks configured, events are built and sent exactly as before."""
     from argilla_server.bulk import records_bulk
     from argilla_server.contexts import webhooks
 
@@ -120,11 +122,36 @@ def _no_events_without_webhooks() -> None:
 
     @functools.wraps(original)
     async def notify_record_event(db, record_event, record):
-        if not await webhooks.list_enabled_webhooks(db):
+        enabled = db.info.get("rlhf_webhooks_enabled")
+        if enabled is None:
+            enabled = db.info["rlhf_webhooks_enabled"] = bool(await webhooks.list_enabled_webhooks(db))
+        if not enabled:
             return []
         return await original(db, record_event, record)
 
     records_bulk.notify_record_event_v1 = notify_record_event
+
+
+def _settings_adapters_built_once() -> None:
+    """Question.parsed_settings and MetadataProperty.parsed_settings validate with one pydantic TypeAdapter each,
+    built once per process instead of on every access.
+
+    argilla-server 2.8 builds ``TypeAdapter(QuestionSettings)`` / ``TypeAdapter(MetadataPropertySettings)`` (a core
+    schema for the whole discriminated union: 1.5 / 0.5 ms of CPU, where validating with it takes 4 us) every time
+    the property is read, and a bulk insert reads it once per metadata value of every record
+    (RecordValidatorBase._validate_metadata) and once per question of every response
+    (ResponseValidator._validate_values). py-spy on bench/argilla_search.py's bulk loads: half of the server's CPU
+    was building those adapters. An adapter holds no state between calls, so the settings objects and the 422s are
+    the same (tests/feedback/test_launcher.py)."""
+    from pydantic import TypeAdapter
+
+    from argilla_server.models import database
+
+    for model, settings_type in ((database.Question, database.QuestionSettings),
+                                 (database.MetadataProperty, database.MetadataPropertySettings)):
+        adapter = TypeAdapter(settings_type)
+        model.parsed_settings = property(lambda self, _adapter=adapter: _adapter.validate_python(self.settings),
+                                         doc=model.parsed_settings.__doc__)
 
 
 def _own_responses_only() -> None:
@@ -169,6 +196,7 @@ def argilla_cli(args: list[str]) -> int:
     import engine  # noqa: F401  (registers the engine)
     from argilla_server.cli.__main__ import app  # imports argilla_server, which builds the web app
 
+    _settings_adapters_built_once()  # the rq worker validates records too (datasets imported from the Hub)
     if args[:1] == ["start"]:  # the web server's process (the worker serves no requests)
         _remember_membership()
         _own_responses_only()

@@ -232,6 +232,8 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl(full_sft, toy, tmp_pat
     history = json.loads((run_dir / "history.json").read_text())  # the same curves without TensorBoard
     assert [h["step"] for h in history] == list(range(1, 31))
     assert [h["objective/score"] for h in history] == pytest.approx(scores)
+    # each update says where its time went (bench/ppo_layout.py's rollout vs update split)
+    assert all(h["time/rollout_s"] > 0 and h["time/update_s"] > 0 for h in history)
 
     record = load_run(run_dir)
     assert record["status"] == "finished" and record["stage"] == "ppo"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def _conversations(tmp_path: Path, n: int = 32) -> Path:
 def _cfg(model_dir, data, out, **over) -> sft.Config:
     train = {"max_steps": 12, "batch_size": 4, "max_length": 64, "learning_rate": 1e-2, "logging_steps": 1,
              "save_steps": 100, **over.pop("train", {})}
-    return sft.Config(model={"name_or_path": str(model_dir)}, data=[{"path": str(data)}], output_dir=str(out),
+    model = over.pop("model", {"name_or_path": str(model_dir)})
+    return sft.Config(model=model, data=[{"path": str(data)}], output_dir=str(out),
                       peft=over.pop("peft", {"method": "lora", "r": 8}), train=train, **over)
 
 
@@ -168,3 +170,90 @@ def test_a_model_that_cannot_be_loaded_is_one_clear_line(tmp_path, capsys):
     assert err.strip().splitlines()[-1] == f"error: model folder not found: {tmp_path / 'no-such-model'}"
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()  # refused before a run folder was made: fixing the recipe just works
+
+
+def _batch_loss_and_grads(trainer, batch):
+    """The stage's loss on one collated batch (TRL's own compute_loss) and the LoRA gradients it produces."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("attention", ["sdpa_varlen", "sdpa", "eager"])
+def test_padding_free_batch_has_the_padded_loss_and_gradients(tiny_model_dir, tmp_path, attention):
+    """One batch of conversations of different lengths: concatenated without padding (position_ids restart per
+    sequence) it gives the loss and LoRA gradients of the padded batch. sdpa_varlen is what the stage uses (attention
+    per sequence); sdpa and eager get transformers' block-diagonal mask from the position_ids (masking_utils)."""
+    import datasets
+    from trl import SFTTrainer
+
+    from alignment.adapters import prepare
+    from alignment.training import padding_free_attention
+
+    rows = [{"messages": [{"role": "user", "content": q * (i + 1)}, {"role": "assistant", "content": a * (3 - i % 3)}]}
+            for i, (q, a) in enumerate(QA * 2)]  # lengths from ~20 to ~80 tokens: the padded batch is half padding
+    ds = datasets.Dataset.from_list(rows)
+    cfg = _cfg(tiny_model_dir, _write(tmp_path / "c.jsonl", rows), tmp_path / "run", train={"max_length": 256},
+               model={"name_or_path": str(tiny_model_dir), "attn_implementation": None if attention == "sdpa_varlen"
+                      else attention})
+    tokenizer = load_tokenizer(cfg.model, require_chat_template=True)
+    model = load_causal_lm(cfg.model, tokenizer, training=True)
+    if attention == "sdpa_varlen":
+        assert padding_free_attention(model, None) == "sdpa_varlen"
+    model = prepare(model, cfg.peft, "CAUSAL_LM")
+    for _, param in model.named_parameters():  # LoRA B starts at zero: give the adapters a non-trivial gradient path
+        if param.requires_grad:
+            param.data.normal_(0, 0.05)
+    trainer = SFTTrainer(model=model, args=sft._sft_args(cfg, tmp_path / "run", False, True), train_dataset=ds,
+                         processing_class=tokenizer, data_collator=sft.data_collator(cfg, tokenizer))
+    trainer.model.eval()  # LoRA dropout off: the two batches must see the same function
+    examples = [trainer.train_dataset[i] for i in range(len(rows))]
+    assert len(trainer.train_dataset) == len(rows)  # nothing truncated away
+    free = trainer.data_collator(examples)
+    assert free["input_ids"].shape[0] == 1 and "attention_mask" not in free and (free["input_ids"] != 0).all()
+    assert sft.data_collator(dataclasses.replace(cfg, padding_free=False), tokenizer) is None  # TRL's own padding
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
+    assert padded["input_ids"].numel() > 1.3 * free["input_ids"].numel()  # the padding that is no longer computed
+    loss_free, grads_free = _batch_loss_and_grads(trainer, free)
+    loss_padded, grads_padded = _batch_loss_and_grads(trainer, padded)
+    assert loss_free == pytest.approx(loss_padded, abs=1e-5)
+    for name, grad in grads_padded.items():
+        assert torch_allclose(grads_free[name], grad), name
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_free_training_follows_the_padded_loss_curve_with_assistant_only_loss(tiny_model_dir, tmp_path):
+    """The stage's default (padding-free) and padded batches train the same steps on the same assistant tokens: the
+    logged loss curves agree, and the padding-free run computed fewer tokens for them."""
+    rows = [{"messages": [{"role": "user", "content": q * (1 + i % 4)}, {"role": "assistant", "content": a}]}
+            for i, (q, a) in enumerate(QA * 8)]
+    data = _write(tmp_path / "conv.jsonl", rows)
+    histories = {}
+    for padding_free in (True, False):
+        # no LoRA dropout: its random masks are drawn per tensor shape, which differs between the two layouts
+        run_dir = sft.run(_cfg(tiny_model_dir, data, tmp_path / f"pf-{padding_free}", padding_free=padding_free,
+                               peft={"method": "lora", "r": 8, "dropout": 0.0}, train={"max_steps": 10}))
+        record = load_run(run_dir)
+        assert record["status"] == "finished" and record["config"]["padding_free"] is padding_free
+        assert record["config"]["assistant_only_loss"] is True
+        histories[padding_free] = [h for h in json.loads((run_dir / "history.json").read_text()) if "loss" in h]
+    free, padded = histories[True], histories[False]
+    assert [h["step"] for h in free] == [h["step"] for h in padded] and len(free) == 10
+    for a, b in zip(free, padded):
+        assert a["loss"] == pytest.approx(b["loss"], abs=5e-4)
+        assert a["num_tokens"] == b["num_tokens"]  # TRL counts real tokens either way: the same data was seen
+    assert free[-1]["loss"] < free[0]["loss"] - 0.3
+
+
+def test_padding_free_must_be_a_bool(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="padding_free: expected true or false"):
+        _cfg(tiny_model_dir, _conversations(tmp_path, 4), tmp_path / "run", padding_free="yes")

@@ -163,3 +163,27 @@ def test_band_choice_matches_datasketch_and_options_are_validated():
         MinhashDedup(threshold=1.5)
     with pytest.raises(CurationError, match="ngram must be a positive integer, got 0"):
         MinhashDedup(ngram=0)
+
+
+def test_transitive_joins_a_cluster_through_a_dropped_member():
+    # a -> b -> c: b is a near duplicate of a, c of b, but c and a are too far apart to be matched directly.
+    rng = random.Random(4)
+    a = doc(rng)
+    b = mutate(a, [20, 80, 140], rng)
+    c = mutate(b, [50, 110, 170], rng)
+    assert true_jaccard(a, b) > 0.85 and true_jaccard(b, c) > 0.85 and true_jaccard(a, c) < 0.75
+    records = [rec(0, a), rec(1, b), rec(2, c)]
+
+    kept, rejects = run(MinhashDedup(hash_seed=1), records)  # default: only kept records are compared
+    assert [r["id"] for r in kept] == ["r0", "r2"]
+    assert [(r["id"], r["meta"]["duplicate_of"]) for r, _ in rejects] == [("r1", "r0")]
+    assert "matched" not in rejects[0][0]["meta"]
+
+    step = MinhashDedup(hash_seed=1, transitive=True)
+    kept, rejects = run(step, records)
+    assert [r["id"] for r in kept] == ["r0"]
+    assert [(r["id"], r["meta"]["duplicate_of"], r["meta"].get("matched")) for r, _ in rejects] == [
+        ("r1", "r0", None), ("r2", "r0", "r1")]  # c names the kept record of its cluster, and whom it matched
+    assert step.counters["clusters"] == 1
+    with pytest.raises(CurationError, match="transitive must be true or false"):
+        MinhashDedup(transitive="yes")

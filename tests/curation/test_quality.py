@@ -1,10 +1,15 @@
+import random
+
 import pytest
 
 from curation.quality import (
+    GOPHER_STOP_WORDS,
     GopherQuality,
     LengthFilter,
+    alpha_word_count,
     duplicate_ngram_chars,
     duplicate_stats,
+    stop_word_count,
     top_ngram_chars,
 )
 from curation.steps import REGISTRY, CurationError
@@ -167,3 +172,16 @@ def test_kinds_limits_the_rules_to_some_record_kinds():
     assert GopherQuality().check(chat) == "too_few_words"
     with pytest.raises(CurationError, match="kinds must be a list of"):
         GopherQuality(kinds=["chats"])
+
+
+def test_alpha_and_stop_word_counts_match_the_word_by_word_rules():
+    # The counts run in C over the common case; they must equal Gopher's word-by-word definitions exactly,
+    # including numbers, underscores, apostrophes, other scripts and numeric characters that are not digits.
+    pieces = ["the", "The", "THE", "and", "router", "5G", "2026", "don't", "it’s", "x_1", "__", "²", "½", "Ⅻ",
+              "café", "naïve", "日本", "١٢٣", "42nd", "with", "With", "ΤΗΕ", "ǅ"]
+    stops = frozenset(GOPHER_STOP_WORDS)
+    rng = random.Random(0)
+    for _ in range(300):
+        ws = tuple(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        assert alpha_word_count(ws) == sum(any(c.isalpha() for c in w) for w in ws)
+        assert stop_word_count(ws, stops) == sum(w.lower() in stops for w in ws)
