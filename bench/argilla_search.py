@@ -1,17 +1,24 @@
-"""Latency of the UI's record searches on the embedded Argilla server as datasets grow (issue 4: < 100 ms at 10k).
+"""The embedded Argilla server as datasets grow: how long the web UI waits for a record search at 1k, 10k and 50k
+records (issue 4's target: < 100 ms at 10k; issue 7), and how fast the benchmark's data goes in.
 
-    python bench/argilla_search.py --sizes 1000,10000 [--repeats 20] [--home DIR | --url URL] [--out F] [--label L]
+    .venv/bin/python bench/argilla_search.py --sizes 1000,10000,50000 --before HEAD --before-sizes 10000
 
-Starts an EmbeddedServer in a temporary home (or uses a running one's --home, or --url with the owner's key in
-$ARGILLA_API_KEY: keys never go on the command line), creates one ranking dataset per size (prompt/response_1/
-response_2, the ranking question, terms metadata and an integer "words" metadata; annotator A has ranked 30% of the
-records, B 20%), then times, as annotator A over HTTP, the queries the web UI sends (copied from its
-RecordRepository.getRecordsByAdvanceSearch: POST /api/v1/me/datasets/{id}/records/search?include=responses&
-include=suggestions with a response-status and a record-status filter). Wall time is what the UI waits; the server's
-CPU time per call (local servers only) is the part that does not depend on how busy a shared machine is. Datasets of
-an earlier run on the same server are reused, so a before/after comparison restarts the server on the same home
-with the other engine and times the same data. Prints a Markdown table and writes machine, versions, command and
-timings as JSON.
+Each server version runs in its own child process (``--worker``, bench/common.run_child) that starts an
+EmbeddedServer in a temporary home on free ports (or measures a running one: ``--home DIR``, or ``--url URL`` with
+the owner's key in $ARGILLA_API_KEY; keys never go on the command line), makes one ranking dataset per size (the
+product's layout: prompt/response_1/response_2, the ranking question, terms metadata, plus an integer "words"
+metadata; annotator A has ranked 30% of the records, B 20%) and loads it through the bulk REST endpoint, 500
+records per request (REST, not ``ds.records.log``: the SDK drops the ranks, argilla-io/argilla#5712). Load: wall
+seconds, records/s, and the server process's CPU per record. Search: as annotator A, the queries the web UI sends
+(copied from its RecordRepository.getRecordsByAdvanceSearch: POST /api/v1/me/datasets/{id}/records/search?
+include=responses&include=suggestions with a response-status and a record-status filter), 2 warm-up calls then
+``--repeats`` timed calls each: median and p90 wall time (what the UI waits) and the server's CPU time per call
+(read from /proc/PID/stat: on a shared machine the wall time also counts waiting for a core, the CPU time does not;
+it can exceed the wall time because SQLite runs in a second thread).
+
+``--before REV``: the same in a second child with ``feedback/server/*.py`` of git revision REV (extracted to a temp
+folder whose launcher.py the server runs), so a change to the server code is measured against the old one in the
+same results. Datasets of an earlier run on a ``--home`` server are reused (no load time).
 """
 
 from __future__ import annotations
@@ -20,10 +27,9 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
+import resource
 import secrets
-import shlex
 import socket
 import statistics
 import subprocess
@@ -31,11 +37,14 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, when run as a script
+import argilla_report  # noqa: E402  (the README section; imports nothing heavy)
+from common import ROOT, run_child, write_results  # noqa: E402
+
+sys.path.insert(0, str(ROOT))  # the feedback package
 
 VOCAB = ("router reset roaming bill plan data limit signal tower outage refund invoice sim card pin puk modem fibre "
          "speed upgrade contract cancel fee charge abroad europe call text voicemail number port transfer account "
@@ -45,29 +54,6 @@ SOURCES = ("faq", "chat", "email", "forum")
 BATCH = 500  # the bulk endpoint's maximum items per request (RecordsBulkCreate)
 PENDING = [{"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": ["pending"]},
            {"type": "terms", "scope": {"entity": "record", "property": "status"}, "values": ["pending"]}]
-
-
-@dataclass
-class BenchConfig:
-    """What to measure and where."""
-
-    sizes: list[int] = field(default_factory=lambda: [1000, 10000])  # records per dataset, one dataset each
-    repeats: int = 20  # timed calls per query (after 2 warm-up calls)
-    home: Optional[str] = None  # a running embedded server's home (RLHF_ARGILLA_HOME); its datasets are reused
-    url: Optional[str] = None  # or any running server (owner key from $ARGILLA_API_KEY); neither -> a temporary one
-    out: str = "bench/results/argilla_search.json"  # where the JSON report goes
-    label: str = "rlhf-sql"  # names the engine version measured (e.g. "before" / "after")
-    seed: int = 0  # record contents and which records are annotated
-
-    def __post_init__(self) -> None:
-        if not self.sizes or any(n < 100 for n in self.sizes):
-            raise ValueError(f"sizes: need sizes >= 100, got {self.sizes}")
-        if self.repeats < 3:
-            raise ValueError(f"repeats: need >= 3 for a p90, got {self.repeats}")
-        if self.url and self.home:
-            raise ValueError("url: give --url or --home, not both")
-        if self.url and not os.environ.get("ARGILLA_API_KEY"):
-            raise ValueError("url: set ARGILLA_API_KEY to the owner's key of that server")
 
 
 def ui_queries() -> dict[str, tuple[dict, dict]]:
@@ -115,24 +101,25 @@ def create_annotators(client, rest) -> list[dict]:
     ws = client.workspaces("argilla")
     out = []
     for name in ("bench-a", "bench-b"):
-        user = client.users(name) or rg.User(username=name, password=secrets.token_urlsafe(12), role="annotator",
-                                             client=client).create()  # works through its API key only
+        with warnings.catch_warnings():  # the SDK warns when the name is free
+            warnings.simplefilter("ignore")
+            user = client.users(name) or rg.User(username=name, password=secrets.token_urlsafe(12),
+                                                 role="annotator", client=client).create()  # API key only
         if name not in {u.username for u in ws.users}:
             ws.add_user(user)
         out.append({"id": str(user.id), "api_key": rest.get(f"/api/v1/users/{user.id}")["api_key"]})
     return out
 
 
-def create_dataset(client, rest, size: int, annotators: list[dict], seed: int) -> tuple[str, Optional[float]]:
-    """A ranking dataset of ``size`` records (the product's layout + "words"): (id, seconds to load it). One made
-    by an earlier run with the same size and seed is reused (load time None), so before/after runs time the same
-    data."""
+def create_dataset(client, rest, size: int, annotators: list[dict], pid: Optional[int]) -> tuple[str, Optional[dict]]:
+    """A ranking dataset of ``size`` records: (id, load figures). One made by an earlier run with the same size is
+    reused (load figures None), so before/after runs on one ``--home`` time the same data."""
     import argilla as rg
 
     from feedback.dataset import DatasetSpec, build_settings
 
-    name = f"bench-{size}-{seed}"
-    with warnings.catch_warnings():  # the SDK warns when the name is free
+    name = f"bench-{size}-0"
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         old = client.datasets(name, workspace="argilla")
     if old is not None:
@@ -142,12 +129,16 @@ def create_dataset(client, rest, size: int, annotators: list[dict], seed: int) -
     settings = build_settings(DatasetSpec(name=name, k=2))
     settings.metadata.add(rg.IntegerMetadataProperty(name="words"))
     ds = rg.Dataset(name=name, workspace="argilla", settings=settings, client=client).create()
-    rng = random.Random(seed)
-    t0 = time.perf_counter()
-    for start in range(0, size, BATCH):  # REST, not ds.records.log: the SDK drops ranks (argilla-io/argilla#5712)
-        items = [_record(i, rng, annotators) for i in range(start, min(size, start + BATCH))]
-        rest.post(f"/api/v1/datasets/{ds.id}/records/bulk", json={"items": items})
-    return str(ds.id), time.perf_counter() - t0
+    rng = random.Random(0)
+    items = [_record(i, rng, annotators) for i in range(size)]  # built before the clock starts
+    t0, cpu0 = time.perf_counter(), _cpu_ms(pid)
+    for start in range(0, size, BATCH):
+        rest.post(f"/api/v1/datasets/{ds.id}/records/bulk", json={"items": items[start:start + BATCH]})
+    wall = time.perf_counter() - t0
+    cpu = None if cpu0 is None else (_cpu_ms(pid) - cpu0) / 1000
+    return str(ds.id), {"records": size, "load_s": round(wall, 1), "records_per_s": round(size / wall),
+                        "server_cpu_s": cpu and round(cpu, 1),
+                        "server_cpu_ms_per_record": cpu and round(cpu / size * 1000, 2)}
 
 
 # ------------------------------------------------------------------------------------------- the timing
@@ -160,8 +151,7 @@ def _cpu_ms(pid: Optional[int]) -> Optional[float]:
 
 
 def time_query(http, url: str, params: dict, body: dict, repeats: int, server_pid: Optional[int]) -> dict:
-    """Wall time per call as the UI sees it (median, p90) and the server's CPU time per call: on a shared machine
-    the wall time also counts waiting for a core, the CPU time does not."""
+    """Wall time per call as the UI sees it (median, p90) and the server's CPU time per call."""
     params = [("include", "responses"), ("include", "suggestions"), ("offset", 0), *params.items()]
     for _ in range(2):  # warm-up: first touch of SQLite pages and of sqlalchemy's statement cache
         http.post(url, params=params, json=body).raise_for_status()
@@ -176,46 +166,42 @@ def time_query(http, url: str, params: dict, body: dict, repeats: int, server_pi
             "server_cpu_ms": cpu, "calls": repeats, "total": r.json()["total"]}
 
 
+# ------------------------------------------------------------------------------------------- the worker
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def versions(status: dict) -> dict:
-    import argilla
-
-    from feedback.server_venv import default_venv, venv_python
-
-    probe = [str(venv_python(default_venv())), "-c", "import sqlite3; print(sqlite3.sqlite_version)"]
-    return {"argilla_server": status.get("version"), "argilla_sdk": argilla.__version__,
-            "python": platform.python_version(), "sqlite_in_server": subprocess.run(
-                probe, capture_output=True, text=True, cwd="/", check=False).stdout.strip()}
+def extract_server_code(rev: str, into: Path) -> str:
+    """feedback/server/*.py of git revision ``rev`` into ``into``; returns the revision's short hash."""
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "feedback/server/"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in (n for n in names if n.endswith(".py")):
+        code = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], capture_output=True, check=True)
+        (into / Path(name).name).write_bytes(code.stdout)
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 @contextlib.contextmanager
-def server(cfg: BenchConfig):
+def server(home: Optional[str], url: Optional[str], launcher: Optional[Path]):
     """(url, owner key, server pid or None): a running embedded server's home, a URL, or a temporary server."""
-    from feedback.server_ctl import EmbeddedServer
+    from feedback import server_ctl
 
-    if cfg.url:
-        yield cfg.url.rstrip("/"), os.environ["ARGILLA_API_KEY"], None
+    if url:
+        yield url.rstrip("/"), os.environ["ARGILLA_API_KEY"], None
         return
-    if cfg.home:
-        srv = EmbeddedServer(home=Path(cfg.home))
+    if home:
+        srv = server_ctl.EmbeddedServer(home=Path(home))
         if not srv.running():
-            raise SystemExit(f"error: no embedded server running in {cfg.home}")
+            raise SystemExit(f"error: no embedded server running in {home}")
         yield srv.state()["url"], srv.credentials().api_key, srv.state()["server_pid"]
         return
-    with tempfile.TemporaryDirectory(prefix="argilla-bench-") as home:
-        srv = EmbeddedServer(home=Path(home))
+    if launcher:
+        server_ctl.LAUNCHER = launcher  # what EmbeddedServer runs (its siblings: that revision's engine)
+    with tempfile.TemporaryDirectory(prefix="argilla-bench-") as tmp:
+        srv = server_ctl.EmbeddedServer(home=Path(tmp))
         creds = srv.start(port=free_port(), redis_port=free_port(), log=lambda m: print(m, file=sys.stderr))
         try:
             yield creds.api_url, creds.api_key, srv.state()["server_pid"]
@@ -223,60 +209,93 @@ def server(cfg: BenchConfig):
             srv.stop(quiet=True)
 
 
-def run(cfg: BenchConfig) -> dict:
+def server_versions(status: dict) -> dict:
+    from feedback.server_venv import default_venv, venv_python
+
+    probe = [str(venv_python(default_venv())), "-c", "import sqlite3; print(sqlite3.sqlite_version)"]
+    return {"argilla_server": status.get("version"), "sqlite_in_server": subprocess.run(
+        probe, capture_output=True, text=True, cwd="/", check=False).stdout.strip()}
+
+
+def worker(a: argparse.Namespace) -> dict:
+    """One server version: load every size, time every query; the JSON line run_child reads."""
     import argilla as rg
     import httpx
 
     from feedback.client import Rest
 
-    report = {"label": cfg.label, "machine": machine(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-              "results": [], "load_seconds": {}}
-    with server(cfg) as (url, key, pid):
-        client = rg.Argilla(api_url=url, api_key=key, timeout=300)
-        rest = Rest(client)
-        report["versions"] = versions(rest.get("/api/v1/status"))
-        annotators = create_annotators(client, rest)
-        with httpx.Client(headers={"X-Argilla-Api-Key": annotators[0]["api_key"]}, timeout=120) as http:
-            for size in cfg.sizes:
-                ds_id, load_s = create_dataset(client, rest, size, annotators, cfg.seed)
-                report["load_seconds"][str(size)] = load_s and round(load_s, 1)
-                print(f"{size} records " + (f"loaded in {load_s:.0f} s" if load_s else "reused"), file=sys.stderr)
-                search = f"{url}/api/v1/me/datasets/{ds_id}/records/search"
-                for name, (params, body) in ui_queries().items():
-                    res = time_query(http, search, params, body, cfg.repeats, pid)
-                    report["results"].append({"records": size, "query": name, **res})
-                    print(f"  {name}: {res['median_ms']} ms", file=sys.stderr)
-    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return report
+    out = {"server_code": "working tree", "loads": [], "searches": []}
+    with tempfile.TemporaryDirectory(prefix="argilla-code-") as code:
+        launcher = None
+        if a.server_code:
+            out["server_code"] = f"{a.server_code} ({extract_server_code(a.server_code, Path(code))})"
+            launcher = Path(code) / "launcher.py"
+        with server(a.home, a.url, launcher) as (url, key, pid):
+            client = rg.Argilla(api_url=url, api_key=key, timeout=300)
+            rest = Rest(client)
+            out["server"] = server_versions(rest.get("/api/v1/status"))
+            annotators = create_annotators(client, rest)
+            with httpx.Client(headers={"X-Argilla-Api-Key": annotators[0]["api_key"]}, timeout=300) as http:
+                for size in [int(s) for s in a.sizes.split(",")]:
+                    ds_id, load = create_dataset(client, rest, size, annotators, pid)
+                    if load:
+                        out["loads"].append(load)
+                    print(f"[{out['server_code']}] {size} records: {load or 'reused'}", file=sys.stderr)
+                    search = f"{url}/api/v1/me/datasets/{ds_id}/records/search"
+                    for name, (params, body) in ui_queries().items():
+                        res = time_query(http, search, params, body, a.repeats, pid)
+                        out["searches"].append({"records": size, "query": name, **res})
+                        print(f"  {name}: {res['median_ms']} ms, CPU {res['server_cpu_ms']} ms", file=sys.stderr)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the bench client alone, not the server it spawned
+    out["client_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
+    return out
 
 
-def markdown(report: dict) -> str:
-    lines = [f"engine: {report['label']}; {report['machine']['cpu']} ({report['machine']['cores']} cores)", "",
-             "| records | query | median ms | p90 ms | server CPU ms | total |", "|---:|---|---:|---:|---:|---:|"]
-    keys = ("records", "query", "median_ms", "p90_ms", "server_cpu_ms", "total")
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in report["results"]]
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------- the report
+def contender(a: argparse.Namespace, sizes: str, rev: Optional[str]) -> dict:
+    """A worker child for one server version; its figures plus the child's wall time and peak RSS."""
+    argv = [sys.executable, __file__, "--worker", "--sizes", sizes, "--repeats", str(a.repeats)]
+    if rev:
+        argv += ["--server-code", rev]
+    else:
+        argv += (["--home", a.home] if a.home else []) + (["--url", a.url] if a.url else [])
+    child = run_child(argv, cwd=ROOT)
+    return {**child.result, "worker_wall_s": round(child.wall_s, 1), "worker_peak_rss_mib": child.peak_rss_mib}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="1000,10000", help="comma-separated record counts (e.g. 1000,10000,50000)")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--sizes", default="1000,10000,50000", help="comma-separated record counts, one dataset each")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per query (after 2 warm-up calls)")
     p.add_argument("--home", help="a running embedded server's home directory (reuses its bench datasets)")
     p.add_argument("--url", help="a running Argilla server (owner key in $ARGILLA_API_KEY)")
-    p.add_argument("--out", default=BenchConfig.out)
-    p.add_argument("--label", default=BenchConfig.label)
+    p.add_argument("--before", metavar="REV", help="also measure feedback/server/*.py of this git revision")
+    p.add_argument("--before-sizes", default="10000", help="sizes for --before (default 10000)")
+    p.add_argument("--out", help="results file (default bench/results/argilla_search.json)")
+    p.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--server-code", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     try:
-        cfg = BenchConfig(sizes=[int(s) for s in a.sizes.split(",")], repeats=a.repeats, home=a.home, url=a.url,
-                          out=a.out, label=a.label)
-    except ValueError as e:
-        p.error(str(e))
-    report = run(cfg)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
-    return 0
+        sizes = [int(s) for s in (a.sizes + "," + a.before_sizes).split(",")]
+    except ValueError:
+        p.error("sizes: expected comma-separated integers")
+    if any(n < 100 for n in sizes) or a.repeats < 3:
+        p.error("need sizes >= 100 and --repeats >= 3 (for a p90)")
+    if a.url and a.home or a.url and not os.environ.get("ARGILLA_API_KEY"):
+        p.error("--url needs $ARGILLA_API_KEY (the owner's key) and excludes --home")
+    if a.worker:
+        print(json.dumps(worker(a)))
+        return 0
+    results = {"repeats": a.repeats, "after": contender(a, a.sizes, None)}
+    if a.before:
+        results["before"] = contender(a, a.before_sizes, a.before)
+    notes = ["after: feedback/server/*.py of the working tree at git_commit; before: of git revision --before",
+             "server_cpu_*: CPU time of the argilla server process (/proc/PID/stat), all threads",
+             f"machine load average at the end: {[round(x, 2) for x in os.getloadavg()]}"]
+    out = write_results("argilla_search", results, packages=("argilla", "httpx"), notes=notes,
+                        out=Path(a.out) if a.out else None)
+    return argilla_report.main(["--results", str(out)] + (["--no-readme"] if a.no_readme else []))
 
 
 if __name__ == "__main__":

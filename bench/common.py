@@ -1,0 +1,204 @@
+"""What every benchmark shares: the machine, versions and command that produced a figure, child processes measured
+on their own (peak RSS, CPU seconds, wall seconds), the JSON report and its table in bench/README.md.
+
+Why child processes: peak RSS is a high-water mark, so two contenders measured in one process would share it; and a
+benchmark's import of torch must not count against the peer it is compared with. ``os.wait4`` returns the child's
+own rusage, so no sampling thread is needed.
+
+Why CPU seconds next to wall seconds: this project's machines are shared 2-core VMs; a contender's CPU time per item
+is what does not depend on the neighbours, and "per core" figures divide by it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+README = BENCH / "README.md"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def gpu() -> dict[str, Any] | None:
+    """The CUDA device, when torch is importable and sees one (imported here, not at module import: --help stays fast)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda}
+
+
+def machine(with_gpu: bool = False) -> dict[str, Any]:
+    """Where a figure was measured. ``load_avg`` at the start says how busy the (shared) machine was."""
+    info: dict[str, Any] = {
+        "host": platform.node(), "os": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": memory_gib(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+    if with_gpu:
+        info["gpu"] = gpu()
+    return info
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Installed versions of the named distributions (None when missing) plus Python's."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def command() -> str:
+    """The command line that ran this benchmark, as one would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_s = str(script.relative_to(ROOT))
+    except ValueError:
+        script_s = str(script)
+    return shlex.join([".venv/bin/python", script_s, *sys.argv[1:]])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@dataclass
+class ChildRun:
+    """One contender, run as its own process."""
+
+    result: Any  # the JSON object the child printed as its last stdout line
+    wall_s: float
+    cpu_s: float  # user + system CPU seconds of the child (and its own children it waited for)
+    peak_rss_mib: float  # the child's maximum resident set size
+
+
+def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
+              timeout: float | None = None) -> ChildRun:
+    """Run ``argv``; its stdout's last line must be JSON. stderr passes through (progress stays visible).
+
+    The rusage comes from ``os.wait4`` on that child alone; ru_maxrss is KiB on Linux."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, cwd=cwd, text=True)
+    deadline = None if timeout is None else start + timeout
+    out_chunks = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # read as it comes so a chatty child never blocks on a full pipe
+        out_chunks.append(line)
+        if deadline is not None and time.perf_counter() > deadline:
+            proc.kill()
+            break
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} exited with {proc.returncode}; last output: {''.join(out_chunks)[-2000:]}")
+    lines = [line for line in "".join(out_chunks).splitlines() if line.strip()]
+    if not lines:
+        raise RuntimeError(f"{shlex.join(argv)} printed nothing; expected a JSON line")
+    try:
+        result = json.loads(lines[-1])
+    except ValueError as err:
+        raise RuntimeError(f"{shlex.join(argv)}: last stdout line is not JSON: {lines[-1][:200]!r}") from err
+    return ChildRun(result=result, wall_s=round(wall, 3), cpu_s=round(usage.ru_utime + usage.ru_stime, 3),
+                    peak_rss_mib=round(usage.ru_maxrss / 1024, 1))
+
+
+def write_results(name: str, results: Any, packages: tuple[str, ...] = (), with_gpu: bool = False,
+                  notes: list[str] | None = None, out: Path | None = None) -> Path:
+    """bench/results/<name>.json: the figures plus what produced them (machine, versions, command, commit, date)."""
+    payload = {
+        "benchmark": name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command(),
+        "git_commit": git_commit(),
+        "machine": machine(with_gpu=with_gpu),
+        "versions": versions("torch", *packages),
+        "results": results,
+        "notes": notes or [],
+    }
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """``columns`` = [(key, header)]; numbers right-aligned, floats to 3 significant figures past the point."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return "" if value is None else str(value)
+
+    header = "| " + " | ".join(h for _, h in columns) + " |"
+    rule = "|" + "|".join("---:" if any(isinstance(r.get(k), (int, float)) for r in rows) else "---"
+                          for k, _ in columns) + "|"
+    body = ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([header, rule, *body])
+
+
+def provenance_line(payload: dict[str, Any]) -> str:
+    """One line naming machine, versions and command, to sit under a table in bench/README.md."""
+    m = payload["machine"]
+    where = f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, load {m['load_avg'][0]}"
+    if m.get("gpu"):
+        where = f"{m['gpu']['name']} ({m['gpu']['memory_gib']} GiB); host {where}"
+    vers = ", ".join(f"{k} {v}" for k, v in payload["versions"].items() if v)
+    return (f"Measured {payload['date']} at commit {payload['git_commit']} on {where}; {vers}. "
+            f"Command: `{payload['command']}`")
+
+
+def update_readme(section: str, markdown: str, readme: Path = README) -> None:
+    """Replace the block between ``<!-- bench:SECTION -->`` and ``<!-- /bench:SECTION -->`` in bench/README.md
+    (appended at the end when missing), so each benchmark refreshes its own table and leaves the prose alone."""
+    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    text = readme.read_text(encoding="utf-8") if readme.exists() else "# Benchmarks\n"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    readme.write_text(text, encoding="utf-8")

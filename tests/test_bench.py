@@ -1,0 +1,79 @@
+"""bench/common.py: the measuring and reporting that every benchmark's figures rest on (the benchmarks themselves are
+not run here: CI has no budget for them and their figures belong in bench/results/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
+
+
+def test_run_child_reports_the_childs_own_peak_memory_and_result():
+    small = common.run_child([sys.executable, "-c", "import json; print('progress'); print(json.dumps({'n': 1}))"])
+    big = common.run_child([sys.executable, "-c",
+                            "import json; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                            "print(json.dumps({'n': 2}))"])
+    assert small.result == {"n": 1} and big.result == {"n": 2}
+    # 300 MiB touched in the second child only: the first one's figure is not inflated by it, nor by this process
+    assert big.peak_rss_mib - small.peak_rss_mib > 250
+    assert small.peak_rss_mib < 200
+    assert big.cpu_s >= 0 and big.wall_s > 0
+
+
+def test_run_child_names_the_command_when_it_fails():
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        common.run_child([sys.executable, "-c", "import sys; sys.exit(3)"])
+    with pytest.raises(RuntimeError, match="not JSON"):
+        common.run_child([sys.executable, "-c", "print('done')"])
+
+
+def test_update_readme_replaces_only_its_own_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\nProse that stays.\n", encoding="utf-8")
+    common.update_readme("sft", "| a |\n|---|\n| 1 |", readme)
+    common.update_readme("dpo", "dpo table", readme)
+    common.update_readme("sft", "| a |\n|---|\n| 2 |", readme)
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmarks\n\nProse that stays.\n")
+    assert "| 2 |" in text and "| 1 |" not in text
+    assert text.count("<!-- bench:sft -->") == 1 and text.index("bench:sft") < text.index("bench:dpo")
+
+
+def test_results_name_machine_versions_and_command(tmp_path):
+    path = common.write_results("probe", {"docs_per_s": 12.5}, packages=("trl",), out=tmp_path / "probe.json")
+    payload = json.loads(path.read_text())
+    assert payload["results"] == {"docs_per_s": 12.5}
+    assert payload["machine"]["cores"] >= 1 and payload["machine"]["cpu"]
+    assert payload["versions"]["trl"] and payload["versions"]["python"]
+    assert payload["command"].startswith(".venv/bin/python ")
+    line = common.provenance_line(payload)
+    assert payload["command"] in line and "trl" in line
+
+
+def test_markdown_table_aligns_numbers():
+    table = common.markdown_table([{"tool": "ours", "docs/s": 1234.5}, {"tool": "peer", "docs/s": 0.5}],
+                                  [("tool", "tool"), ("docs/s", "docs/s")])
+    assert table.splitlines()[1] == "|---|---:|"
+    assert "| ours | 1,234 |" in table and "| peer | 0.5 |" in table
+
+
+SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_explains_itself_without_heavy_imports(script):
+    """--help must answer without importing torch/datatrove (benchmarks import them in their workers)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "bench" / script), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage" in out.stdout.lower()
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "transformers", "trl", "datatrove"}, "heavy import at --help"
