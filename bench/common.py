@@ -2,8 +2,11 @@
 on their own (peak RSS, CPU seconds, wall seconds), the JSON report and its table in bench/README.md.
 
 Why child processes: peak RSS is a high-water mark, so two contenders measured in one process would share it; and a
-benchmark's import of torch must not count against the peer it is compared with. ``os.wait4`` returns the child's
-own rusage, so no sampling thread is needed.
+benchmark's import of torch must not count against the peer it is compared with. CPU seconds come from ``os.wait4``
+(the child's own rusage). Peak RSS does not: Linux folds the pre-exec address space into the child's ru_maxrss
+(``exec_mmap`` -> ``setmax_mm_hiwater_rss`` on the forked copy of the parent), so a child started from a big
+process (pytest after the torch tests: 1.5 GB) reports the parent's size. The child's ``VmHWM`` in /proc (the
+high-water mark of its own post-exec address space) is polled instead; ru_maxrss stays the fallback without /proc.
 
 Why CPU seconds next to wall seconds: this project's machines are shared 2-core VMs; a contender's CPU time per item
 is what does not depend on the neighbours, and "per core" figures divide by it.
@@ -19,6 +22,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -125,6 +129,8 @@ def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: str | Pat
     The rusage comes from ``os.wait4`` on that child alone; ru_maxrss is KiB on Linux."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, cwd=cwd, text=True)
+    hwm = _HighWaterMark(proc.pid)
+    hwm.start()
     deadline = None if timeout is None else start + timeout
     out_chunks = []
     assert proc.stdout is not None
@@ -133,6 +139,7 @@ def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: str | Pat
         if deadline is not None and time.perf_counter() > deadline:
             proc.kill()
             break
+    hwm.finish()  # a last read while the exited child is not yet reaped (VmHWM can still be there) or is gone
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
@@ -145,8 +152,38 @@ def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: str | Pat
         result = json.loads(lines[-1])
     except ValueError as err:
         raise RuntimeError(f"{shlex.join(argv)}: last stdout line is not JSON: {lines[-1][:200]!r}") from err
+    peak_kib = hwm.peak_kib if hwm.peak_kib is not None else usage.ru_maxrss  # ru_maxrss is KiB on Linux
     return ChildRun(result=result, wall_s=round(wall, 3), cpu_s=round(usage.ru_utime + usage.ru_stime, 3),
-                    peak_rss_mib=round(usage.ru_maxrss / 1024, 1))
+                    peak_rss_mib=round(peak_kib / 1024, 1))
+
+
+class _HighWaterMark(threading.Thread):
+    """Polls /proc/PID/status VmHWM every 20 ms. VmHWM only grows, so the last read before the child exits is its peak
+    up to growth in those last milliseconds (a process about to exit frees memory rather than takes it)."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.path, self.interval = Path(f"/proc/{pid}/status"), interval
+        self.peak_kib: int | None = None
+        self._done = threading.Event()
+
+    def read(self) -> None:
+        try:
+            for line in self.path.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_kib = max(self.peak_kib or 0, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.read()
+            self._done.wait(self.interval)
+
+    def finish(self) -> None:
+        self._done.set()
+        self.join()
+        self.read()
 
 
 def write_results(name: str, results: Any, packages: tuple[str, ...] = (), with_gpu: bool = False,

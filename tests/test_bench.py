@@ -28,6 +28,15 @@ def test_run_child_reports_the_childs_own_peak_memory_and_result():
     assert big.cpu_s >= 0 and big.wall_s > 0
 
 
+def test_a_big_parent_does_not_inflate_the_childs_peak():
+    """Linux folds the forked copy of the parent into a child's ru_maxrss; the figure must be the child's own."""
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touched: resident in this process
+    small = common.run_child([sys.executable, "-c", "import json; print(json.dumps({}))"])
+    assert small.peak_rss_mib < 200, small
+    del ballast
+
+
 def test_run_child_names_the_command_when_it_fails():
     with pytest.raises(RuntimeError, match="exited with 3"):
         common.run_child([sys.executable, "-c", "import sys; sys.exit(3)"])
