@@ -126,7 +126,7 @@ def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: str | Pat
               timeout: float | None = None) -> ChildRun:
     """Run ``argv``; its stdout's last line must be JSON. stderr passes through (progress stays visible).
 
-    The rusage comes from ``os.wait4`` on that child alone; ru_maxrss is KiB on Linux."""
+    CPU seconds come from ``os.wait4`` on that child alone, peak RSS from its own VmHWM (see the module docstring)."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, cwd=cwd, text=True)
     hwm = _HighWaterMark(proc.pid)
@@ -157,23 +157,85 @@ def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: str | Pat
                     peak_rss_mib=round(peak_kib / 1024, 1))
 
 
+def proc_status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A KiB field of /proc/PID/status (VmRSS: resident now, VmHWM: its high-water mark); None when absent (no /proc,
+    the process is gone, or a zombie whose memory is already released)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def smaps_rollup_mib(pid: int | str) -> dict[str, float]:
+    """Rss, Pss (shared pages divided among the processes mapping them) and their anonymous / file parts, MiB; empty
+    when the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return {}
+    return {line.split(":")[0]: round(int(line.split()[1]) / 1024, 1) for line in lines
+            if line.split(":")[0] in ChildMemorySampler.FIELDS}
+
+
+class ChildMemorySampler(threading.Thread):
+    """Peak Pss (and Rss, anonymous memory) of this process's children, sampled from here every ``interval`` s while
+    the ``with`` block runs (around ``run_child``).
+
+    Why Pss beside the RSS peak: transformers 5 memory-maps safetensors on CPU, and a file mapped twice (two
+    from_pretrained of one folder) counts twice in RSS but once in Pss, which is what the machine holds until a model
+    writes its weights. The kernel keeps a high-water mark for RSS only, so Pss is sampled, and from the parent: the
+    page-table walk (~15-20 ms of CPU per GB) is not charged to the measured child. A shorter peak can be missed."""
+
+    FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous")
+
+    def __init__(self, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peaks: dict[str, float] = {}  # each field's own maximum over every sample of every child
+        self.at_peak_pss: dict[str, float] = {}  # the one sample with the highest Pss, all its fields
+        self._done = threading.Event()
+
+    @staticmethod
+    def children() -> list[str]:
+        return [pid for task in Path("/proc/self/task").glob("*/children") for pid in task.read_text().split()]
+
+    def run(self) -> None:
+        while True:
+            for pid in self.children():
+                sample = smaps_rollup_mib(pid)
+                for key, value in sample.items():
+                    self.peaks[key] = max(self.peaks.get(key, 0.0), value)
+                if sample.get("Pss", 0.0) > self.at_peak_pss.get("Pss", -1.0):
+                    self.at_peak_pss = sample
+            if self._done.wait(self.interval):
+                return
+
+    def __enter__(self) -> ChildMemorySampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self.join()
+
+
 class _HighWaterMark(threading.Thread):
     """Polls /proc/PID/status VmHWM every 20 ms. VmHWM only grows, so the last read before the child exits is its peak
     up to growth in those last milliseconds (a process about to exit frees memory rather than takes it)."""
 
     def __init__(self, pid: int, interval: float = 0.02):
         super().__init__(daemon=True)
-        self.path, self.interval = Path(f"/proc/{pid}/status"), interval
+        self.pid, self.interval = pid, interval
         self.peak_kib: int | None = None
         self._done = threading.Event()
 
     def read(self) -> None:
-        try:
-            for line in self.path.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_kib = max(self.peak_kib or 0, int(line.split()[1]))
-        except (OSError, ValueError):
-            pass
+        hwm = proc_status_kib("VmHWM", self.pid)
+        if hwm is not None:
+            self.peak_kib = max(self.peak_kib or 0, hwm)
 
     def run(self) -> None:
         while not self._done.is_set():

@@ -35,7 +35,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -43,12 +42,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, when run as a script
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the product packages, from any working directory
 
-from common import ROOT, run_child, update_readme, write_results
+from common import ROOT, ChildMemorySampler, proc_status_kib, run_child, update_readme, write_results
 from dpo_ref_report import comparisons, notes_for, per_contender, readme_block, render
 
 # ~118M parameters: 12 blocks of hidden 896 (14 heads of 64) and SwiGLU 2432, vocab 1024 tied. fp32: ~450 MiB.
@@ -145,66 +143,7 @@ def step_timer():
 
 def memory_now() -> dict[str, float]:
     """This process's resident set now (VmRSS) and its high-water mark so far (VmHWM), MiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0].lower()] = round(int(line.split()[1]) / 1024, 1)
-    return out
-
-
-def smaps_rollup(pid: int | str = "self") -> dict[str, float]:
-    """Rss, Pss (shared pages divided among their mappings) and Anonymous memory of a process now, MiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        key = line.split(":")[0]
-        if key in ("Rss", "Pss", "Anonymous"):
-            out[key.lower()] = int(line.split()[1]) / 1024
-    return out
-
-
-class ChildMemorySampler:
-    """Peak Pss and Anonymous memory of this process's children, read from outside every ``period_s``.
-
-    Why Pss: transformers memory-maps a safetensors file, and a file mapped twice (two from_pretrained of one
-    folder) counts twice in RSS but once in Pss, which is what the machine actually holds. The kernel keeps a
-    high-water mark for RSS only, so Pss is sampled; from the parent, so the page-table walk (~20 ms per read for a
-    3 GiB process) is not charged to the contender's CPU seconds. A peak shorter than ``period_s`` can be missed."""
-
-    def __init__(self, period_s: float = 0.2):
-        import threading
-
-        self.period_s, self.peaks, self._stop = period_s, {"rss": 0.0, "pss": 0.0, "anonymous": 0.0}, False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _children(self) -> list[int]:
-        me, out = os.getpid(), []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # field 4, after the (comm) that may hold spaces
-                    out.append(int(entry.name))
-        return out
-
-    def _run(self) -> None:
-        while not self._stop:
-            for pid in self._children():
-                try:
-                    for key, value in smaps_rollup(pid).items():
-                        self.peaks[key] = max(self.peaks[key], value)
-                except (OSError, ValueError):  # the child ended between listing and reading
-                    pass
-            time.sleep(self.period_s)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._thread.join()
+    return {field.lower(): round(proc_status_kib(field) / 1024, 1) for field in ("VmRSS", "VmHWM")}
 
 
 def weight_bytes(*models) -> int:
@@ -343,7 +282,8 @@ def measure(a: argparse.Namespace, work: Path) -> list[dict]:
                 r = child.result
                 rows.append({"model": model, "contender": who, "round": round_ + 1, **r,
                              "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s, "cpu_s": child.cpu_s,
-                             **{f"sampled_peak_{k}_mib": round(v, 1) for k, v in sampler.peaks.items()},
+                             **{f"sampled_peak_{k.lower()}_mib": sampler.peaks.get(k, 0.0)
+                                for k in ("Rss", "Pss", "Anonymous")},
                              "max_length": max_length, "batch_size": a.batch_size, "lr": a.lr, "lora_r": a.r})
     return rows
 

@@ -171,7 +171,7 @@ def render(a: argparse.Namespace) -> int:
 def notes_for(a: argparse.Namespace) -> list[str]:
     """How the figures were taken and what explains them (numbers that depend on the run are in findings())."""
     return [
-        ("Peak RSS is the child's ru_maxrss (os.wait4). Peak Pss and anonymous memory are read from the parent every "
+        ("Peak RSS is the child's own (bench/common.run_child). Peak Pss and anonymous memory are read from the parent every "
         "0.2 s (/proc/PID/smaps_rollup), so a shorter peak can be missed; Pss also holds this process's share of "
         "the shared libraries (libtorch), which moves by tens of MiB with how many other Python/torch processes "
         "run beside it, so only differences well above that (the 118M model's) mean something. 'Weights held' "

@@ -23,10 +23,11 @@ same optimizer steps), PPO epochs, LoRA shape, learning rate, fp32, no gradient 
 Measured, each contender in its own child process (bench/common.run_child): the rollout phase (sampling, the policy /
 reference log-probs, values, reward scores, GAE) and the update phase (the PPO epochs' forward/backward and optimizer
 steps), wall and CPU seconds per 1k samples, timed inside the worker (bench/ppo_phases.py); the whole child's wall
-and CPU seconds (loading included), its peak RSS (os.wait4) and its peak PSS (sampled from here, see PssWatcher:
-RSS counts weights memory-mapped twice from one file twice), and the weights each layout holds.
-Our side is timed by wrapping ``alignment.rollout.make_rollout`` and ``alignment.ppo.ppo_update`` from outside:
-the product does not log per-phase times (history.json holds the PPO statistics only).
+and CPU seconds (loading included), its peak RSS (common.run_child) and its peak PSS (sampled from here, see
+common.ChildMemorySampler: RSS counts weights memory-mapped twice from one file twice), and the weights each layout
+holds. Our side is timed by wrapping ``alignment.rollout.make_rollout`` and ``alignment.ppo.ppo_update`` from
+outside, the same calls whose times ppo.py now writes to history.json (time/rollout_s, time/update_s); the wrappers
+also time the code before that change.
 Writes bench/results/ppo_layout.json and the ``ppo`` table in bench/README.md.
 """
 
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     RESULTS,
     ROOT,
+    ChildMemorySampler,
     command,
     git_commit,
     markdown_table,
@@ -54,7 +56,6 @@ from bench.common import (
     update_readme,
     write_results,
 )
-from bench.ppo_phases import PssWatcher
 
 CONTENDERS = ("ours", "trl-full", "trl-peft", "trl-peft-lora-value")
 # The random-init models: build_tiny_model's arguments. big: 8 x (4 x 1024^2 + 3 x 1024 x 2816) + 1M embeddings,
@@ -163,24 +164,9 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     clock = PhaseClock()
-    make_rollout, ppo_update = rollout.make_rollout, ppo.ppo_update
-
-    def timed_rollout(*args, **kwargs):
-        clock.start("rollout")
-        try:
-            return make_rollout(*args, **kwargs)
-        finally:
-            clock.stop()
-
-    def timed_update(*args, **kwargs):
-        clock.start("update")
-        try:
-            return ppo_update(*args, **kwargs)
-        finally:
-            clock.stop()
-
     # train_loop imports make_rollout from alignment.rollout when it runs, and calls ppo_update as a module global
-    rollout.make_rollout, ppo.ppo_update = timed_rollout, timed_update
+    rollout.make_rollout = clock.timed("rollout", rollout.make_rollout)
+    ppo.ppo_update = clock.timed("update", ppo.ppo_update)
     run_dir = ppo.run(ppo_config(spec, str(Path(spec["work"]) / "ours")))
     record = json.loads((run_dir / "run.json").read_text())
     history = json.loads((run_dir / "history.json").read_text())
@@ -226,12 +212,12 @@ def measure_size(size: str, args: argparse.Namespace, peer_python: Path | None) 
             argv = [str(peer_python), str(Path(__file__).with_name("ppo_trl.py")), str(spec_file),
                     contender.removeprefix("trl-")]
         load_before = [round(x, 2) for x in os.getloadavg()]
-        with PssWatcher() as pss:
+        with ChildMemorySampler(interval=1.0) as pss:
             child = run_child(argv, env=env, cwd=ROOT)
         result = child.result
         rows.append({"size": size, "contender": contender, "layout": LAYOUTS[contender],
                      **result, "wall_s": child.wall_s, "cpu_s": child.cpu_s, "peak_rss_mib": child.peak_rss_mib,
-                     "peak_pss_mib": pss.peak.get("Pss"), "pss_at_peak": pss.peak,
+                     "peak_pss_mib": pss.at_peak_pss.get("Pss"), "pss_at_peak": pss.at_peak_pss,
                      "weights_mib": round(result["total_params"] * 4 / 2**20),  # fp32
                      "total_params_m": round(result["total_params"] / 1e6, 2),
                      "trainable_params_m": round(result["trainable_params"] / 1e6, 3),
@@ -297,8 +283,8 @@ def notes_for(rows: list[dict[str, Any]], peer: dict[str, str] | None, threads: 
          "takes more CPU than TRL's; on the tiny one per-call overheads dominate instead. Update: TRL runs policy and value forward in "
          "one graph and back-propagates once (both sets of activations alive together); ours back-propagates the "
          "policy loss before the value forward pass; TRL does not clip gradients."),
-        ("Memory: peak RSS from os.wait4; peak PSS sampled each second from the parent. transformers 5 "
-         "memory-maps safetensors on CPU, and RSS counts a file page once per mapping: TRL's frozen copies loaded "
+        ("Memory: peak RSS is the child's own (common.run_child); peak PSS sampled each second from the parent. "
+         "transformers 5 memory-maps safetensors on CPU, and RSS counts a file page once per mapping: TRL's frozen copies loaded "
          "from the same file count once each in RSS but share physical pages until written (PSS). 'weights held' "
          "is every distinct parameter x 4 bytes, what a GPU would hold, where every model is a copy of its own. "
          "On the tiny model the Python libraries dominate (ours imports the whole alignment stack), and PSS "

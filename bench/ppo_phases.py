@@ -6,27 +6,23 @@ CPU seconds are the process's (``time.process_time``: every thread), so a phase'
 busy the shared machine was, while its wall figure does.
 
 Memory: the RSS high-water mark (VmHWM) when each phase first ends says which phase reaches the peak; the peak PSS
-is sampled from outside, by ``PssWatcher`` in the parent (reading it costs ~15 ms of CPU per GB, which must not be
-charged to the worker).
+is sampled from outside, by ``common.ChildMemorySampler`` in the parent (reading it costs ~15 ms of CPU per GB,
+which must not be charged to the worker).
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from pathlib import Path
-from typing import Any, Self
+from collections.abc import Callable
+from typing import Any
+
+from common import proc_status_kib  # stdlib only too; bench/ is on sys.path in both workers (their script's folder)
 
 
 def rss_mib(field: str = "VmRSS") -> float | None:
-    """``VmRSS`` (now) or ``VmHWM`` (peak so far) of this process in MiB, from /proc/self/status."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+    """``VmRSS`` (now) or ``VmHWM`` (peak so far) of this process in MiB."""
+    kib = proc_status_kib(field)
+    return None if kib is None else round(kib / 1024, 1)
 
 
 class PhaseClock:
@@ -46,6 +42,17 @@ class PhaseClock:
     def start(self, name: str) -> None:
         self.stop()
         self.current, self._since = name, (time.perf_counter(), time.process_time())
+
+    def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` wrapped so that every call is a ``name`` phase."""
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.start(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stop()
+
+        return wrapper
 
     def stop(self) -> None:
         if self.current is None:
@@ -73,43 +80,3 @@ class PhaseClock:
                 out[f"{name}_wall_s_per_1k"] = round(self.wall[name] * 1000 / episodes, 2)
                 out[f"{name}_cpu_s_per_1k"] = round(self.cpu[name] * 1000 / episodes, 2)
         return out
-
-
-class PssWatcher:
-    """Peak PSS of this process's children, sampled every ``interval`` s from here (reading smaps_rollup walks the
-    child's page tables, ~15 ms of CPU per GB, charged to this process, not to the measured child).
-
-    Why PSS beside the RSS peak: transformers 5 memory-maps safetensors on CPU, and RSS counts a file page once per
-    mapping, so models loaded from the same file are counted once each in RSS while the kernel holds one copy until
-    a model writes its weights (training, merging). PSS counts every physical page once."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval, self.peak, self._stop = interval, {}, threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def _children() -> list[str]:
-        pids = []
-        for children in Path("/proc/self/task").glob("*/children"):
-            pids += children.read_text().split()
-        return pids
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            for pid in self._children():
-                try:
-                    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-                except OSError:
-                    continue
-                now = {line.split(":")[0]: round(int(line.split()[1]) / 1024, 1) for line in lines
-                       if line.split(":")[0] in ("Rss", "Pss", "Pss_Anon", "Pss_File")}
-                if now.get("Pss", 0) > self.peak.get("Pss", -1):
-                    self.peak = now

@@ -86,3 +86,33 @@ def test_every_benchmark_explains_itself_without_heavy_imports(script):
     assert "usage" in out.stdout.lower()
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "transformers", "trl", "datatrove"}, "heavy import at --help"
+
+
+def test_child_memory_sampler_sees_the_childs_peak_from_outside():
+    hold = ("import json, time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.6); "
+            "print(json.dumps({}))")
+    with common.ChildMemorySampler(interval=0.05) as sampler:
+        common.run_child([sys.executable, "-c", hold])
+    assert sampler.peaks["Pss"] > 250 and sampler.peaks["Rss"] >= sampler.peaks["Pss"]
+    assert sampler.at_peak_pss["Pss"] == sampler.peaks["Pss"]
+    with common.ChildMemorySampler(interval=0.05) as idle:  # no child: nothing sampled
+        pass
+    assert idle.peaks == {} and idle.at_peak_pss == {}
+
+
+def test_phase_clock_times_each_call_of_a_wrapped_function_even_when_it_raises():
+    import ppo_phases
+
+    clock = ppo_phases.PhaseClock()
+    work = clock.timed("update", lambda n: sum(range(n)))
+    assert work(10_000) == sum(range(10_000)) and work(10) == 45
+
+    def broken():
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        clock.timed("rollout", broken)()
+    report = clock.report(episodes=2)
+    assert clock.current is None
+    assert report["update_calls"] == 2 and report["rollout_calls"] == 1
+    assert report["update_cpu_s"] >= 0 and report["update_wall_s_per_1k"] >= 0
