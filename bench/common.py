@@ -181,8 +181,9 @@ def smaps_rollup_mib(pid: int | str) -> dict[str, float]:
 
 
 class ChildMemorySampler(threading.Thread):
-    """Peak Pss (and Rss, anonymous memory) of this process's children, sampled from here every ``interval`` s while
-    the ``with`` block runs (around ``run_child``).
+    """Peak Pss (and Rss, anonymous memory) of the children this process starts inside the ``with`` block (around
+    ``run_child``), sampled from here every ``interval`` s. Children already alive at entry (a server a test session
+    or a driver started earlier) are not the measured work and are left out.
 
     Why Pss beside the RSS peak: transformers 5 memory-maps safetensors on CPU, and a file mapped twice (two
     from_pretrained of one folder) counts twice in RSS but once in Pss, which is what the machine holds until a model
@@ -197,6 +198,7 @@ class ChildMemorySampler(threading.Thread):
         self.peaks: dict[str, float] = {}  # each field's own maximum over every sample of every child
         self.at_peak_pss: dict[str, float] = {}  # the one sample with the highest Pss, all its fields
         self._done = threading.Event()
+        self._before: set[str] = set()
 
     @staticmethod
     def children() -> list[str]:
@@ -205,6 +207,8 @@ class ChildMemorySampler(threading.Thread):
     def run(self) -> None:
         while True:
             for pid in self.children():
+                if pid in self._before:
+                    continue
                 sample = smaps_rollup_mib(pid)
                 for key, value in sample.items():
                     self.peaks[key] = max(self.peaks.get(key, 0.0), value)
@@ -214,6 +218,7 @@ class ChildMemorySampler(threading.Thread):
                 return
 
     def __enter__(self) -> ChildMemorySampler:
+        self._before = set(self.children())
         self.start()
         return self
 

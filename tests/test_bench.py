@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,12 +92,18 @@ def test_every_benchmark_explains_itself_without_heavy_imports(script):
 def test_child_memory_sampler_sees_the_childs_peak_from_outside():
     hold = ("import json, time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.6); "
             "print(json.dumps({}))")
-    with common.ChildMemorySampler(interval=0.05) as sampler:
-        common.run_child([sys.executable, "-c", hold])
+    # A child alive before the block (as the session's Argilla server is in the full suite) is not measured.
+    bystander = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        with common.ChildMemorySampler(interval=0.05) as idle:  # no child started inside: nothing sampled
+            time.sleep(0.2)
+        with common.ChildMemorySampler(interval=0.05) as sampler:
+            common.run_child([sys.executable, "-c", hold])
+    finally:
+        bystander.wait()
     assert sampler.peaks["Pss"] > 250 and sampler.peaks["Rss"] >= sampler.peaks["Pss"]
     assert sampler.at_peak_pss["Pss"] == sampler.peaks["Pss"]
-    with common.ChildMemorySampler(interval=0.05) as idle:  # no child: nothing sampled
-        pass
     assert idle.peaks == {} and idle.at_peak_pss == {}
 
 
