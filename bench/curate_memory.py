@@ -14,11 +14,11 @@ import argparse
 import json
 import platform
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import run_child
 
 WORDS = ("the customer asked about roaming charges and the agent explained that the plan includes calls texts and "
          "data in Europe with a fair usage limit of twenty gigabytes per month after which a small charge applies "
@@ -53,13 +53,12 @@ def measure(n: int, work: Path, formats: str, dedup: bool) -> dict:
     recipe = work / f"recipe-{n}.yaml"
     text = RECIPE.format(data=data, out=work / f"out-{n}", formats=formats)
     recipe.write_text(text if dedup else text.replace("  - type: exact_dedup\n", ""))
-    code = ("import resource, sys; from rlhf.cli import main; rc = main(['curate', sys.argv[1], '-q']); "
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    start = time.time()
-    out = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, check=True)
-    peak_kb = int(out.stdout.split("PEAK_KB")[1].split()[0])
-    return {"docs": n, "formats": formats, "exact_dedup": dedup, "input_mb": round(data.stat().st_size / 2**20, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
-            "wall_s": round(time.time() - start, 1), "docs_per_s": round(n / (time.time() - start))}
+    # the child's own peak (common.run_child polls its VmHWM): its ru_maxrss would carry this process's size too
+    code = "import sys; from rlhf.cli import main; rc = main(['curate', sys.argv[1], '-q']); print('{}'); sys.exit(rc)"
+    child = run_child([sys.executable, "-c", code, str(recipe)])
+    return {"docs": n, "formats": formats, "exact_dedup": dedup, "input_mb": round(data.stat().st_size / 2**20, 1),
+            "peak_rss_mb": child.peak_rss_mib, "wall_s": round(child.wall_s, 1), "cpu_s": round(child.cpu_s, 1),
+            "docs_per_s": round(n / child.wall_s)}
 
 
 def main() -> None:
