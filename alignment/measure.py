@@ -115,11 +115,10 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_
     import torch
     from transformers import GenerationConfig
 
+    from alignment.models import stop_token_ids
     from alignment.rl import truncate_after_eos
 
-    configured = model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured]
-    stops = sorted({tokenizer.eos_token_id, *configured} - {None})
+    stops = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id
     # sampling from the plain distribution (no top-k/top-p truncation), as PPO's rollouts do by default
     sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0

@@ -140,6 +140,35 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
 
 
+def template_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token the chat template closes an assistant reply with, when that is a special token (None when the
+    template cannot render a plain user/assistant/user exchange, or leaves the reply open)."""
+    from jinja2 import TemplateError
+
+    probe = "Certainly"
+    try:  # the reply is followed by a user turn: some templates never close the final assistant turn
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"},
+                                              {"role": "assistant", "content": probe},
+                                              {"role": "user", "content": "Thanks"}], tokenize=False)
+        tail = tokenizer.encode(text[text.rindex(probe) + len(probe):], add_special_tokens=False)
+    except (TemplateError, TypeError, ValueError):
+        return None
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    first = next((t for t in tail if tokenizer.decode([t]).strip()), None)  # skip whitespace tokens
+    return first if first in special else None
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
+    """Every id that ends a reply: the tokenizer's eos, the generation config's, and the template's end-of-turn
+    token. Templates whose end of turn is not the tokenizer's eos (Llama 3's <|eot_id|>) otherwise generate past the
+    answer until max_new_tokens (trap 5; hiyouga/LlamaFactory 7943, 7454). Every stage that generates (candidates
+    for ranking, PPO rollouts, evaluation answers) stops on these."""
+    configured = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, template_end_of_turn(tokenizer),
+           *(configured if isinstance(configured, list) else [configured])}
+    return sorted(i for i in ids if i is not None)
+
+
 def _from_pretrained_kwargs(cfg: ModelConfig) -> dict:
     """Shared ``from_pretrained`` arguments; ``dtype`` is the transformers >= 4.56 name of ``torch_dtype``."""
     import torch

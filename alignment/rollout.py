@@ -80,14 +80,6 @@ def batch_indices(update: int, size: int, n_prompts: int, seed: int) -> list[int
     return indices
 
 
-def stop_token_ids(roles: Roles) -> list[int]:
-    """Every token that ends a response: the tokenizer's eos and the model's generation eos (chat models often
-    stop at end-of-turn *or* end-of-text)."""
-    configured = roles.model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured] if configured is not None else []
-    return sorted({roles.tokenizer.eos_token_id, *configured} - {None})
-
-
 def generate(roles: Roles, prompt_ids: list[list[int]], settings: RolloutConfig, chunk: int, adapter: str | None,
              greedy: bool = False) -> Rollout:
     """Responses to ``prompt_ids`` from the model under ``adapter`` (None: every adapter off), sampled with
@@ -95,10 +87,11 @@ def generate(roles: Roles, prompt_ids: list[list[int]], settings: RolloutConfig,
     import torch
     from transformers import GenerationConfig
 
+    from alignment.models import stop_token_ids
     from alignment.rl import truncate_after_eos
     from alignment.roles import active, autocast
 
-    tokenizer, stops = roles.tokenizer, stop_token_ids(roles)
+    tokenizer, stops = roles.tokenizer, stop_token_ids(roles.tokenizer, roles.model)
     pad = tokenizer.pad_token_id
     # Huang et al. 2024, sec. 7, "left padding": generation appends to the right end of every row
     width = max(len(ids) for ids in prompt_ids)

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignment.models import ModelConfig, resolve_model_path
+from alignment.models import ModelConfig, resolve_model_path, stop_token_ids
 from alignment.runs import (
     RUN_JSON,
     VERSION_PACKAGES,
@@ -47,7 +47,7 @@ from alignment.runs import (
     utc_now,
     write_json_atomic,
 )
-from curation.records import make_lineage, message, stable_id
+from curation.records import make_lineage, stable_id
 from feedback.client import FeedbackError
 from feedback.prompts import KINDS, Prompt, load_prompts, prompt_roots
 from rlhf.config import redact_argv, redact_secrets
@@ -163,33 +163,6 @@ def model_entry(model: ModelConfig) -> dict[str, Any]:
         fingerprint = hashlib.sha256(f"{base}@{model.revision or 'main'}".encode()).hexdigest()
     return {"name_or_path": model.name_or_path, "base": base, "adapter": adapter, "revision": model.revision,
             "run": run, "fingerprint": fingerprint}
-
-
-def template_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The token the chat template closes an assistant reply with, when that is a special token (None when the
-    template cannot render a plain user/assistant/user exchange, or leaves the reply open)."""
-    from jinja2 import TemplateError
-
-    probe = "Certainly"
-    try:  # the reply is followed by a user turn: some templates never close the final assistant turn
-        text = tokenizer.apply_chat_template([message("user", "Hello"), message("assistant", probe),
-                                              message("user", "Thanks")], tokenize=False)
-        tail = tokenizer.encode(text[text.rindex(probe) + len(probe):], add_special_tokens=False)
-    except (TemplateError, TypeError, ValueError):
-        return None
-    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-    first = next((t for t in tail if tokenizer.decode([t]).strip()), None)  # skip whitespace tokens
-    return first if first in special else None
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
-    """Every id that ends a reply: the tokenizer's eos, the generation config's, and the template's end-of-turn
-    token. Templates whose end of turn is not the tokenizer's eos (Llama 3's <|eot_id|>) otherwise generate past the
-    answer until max_new_tokens (trap 5; hiyouga/LlamaFactory 7943, 7454)."""
-    configured = model.generation_config.eos_token_id
-    ids = {tokenizer.eos_token_id, template_end_of_turn(tokenizer),
-           *(configured if isinstance(configured, list) else [configured])}
-    return sorted(i for i in ids if i is not None)
 
 
 def _candidate(tokenizer: PreTrainedTokenizerBase, ids: list[int], logprobs: Any, stop: set[int]) -> dict:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from alignment.models import (PAD_TOKEN, ModelConfig, build_tiny_model, ensure_pad_token, load_causal_lm,
-                              load_sequence_classifier, load_tokenizer, resolve_model_path)
+                              load_sequence_classifier, load_tokenizer, resolve_model_path, stop_token_ids,
+                              template_end_of_turn)
 from rlhf.config import ConfigError, build_dataclass
 
 CHAT = [
@@ -121,6 +122,53 @@ def test_assistant_only_training_teaches_the_model_to_stop(tiny):
     new = out[0, prompt["input_ids"].shape[1]:].tolist()
     assert new[-1] == tokenizer.eos_token_id and len(new) < 40
     assert tokenizer.decode(new, skip_special_tokens=True) == chat[1]["content"]
+
+
+def _end_of_turn_is_not_eos(tiny_model_dir):
+    """The tiny model with Llama 3's split (eos <|end_of_text|>, end of turn <|eot_id|>): here eos is <|bos|> and the
+    template still closes turns with <|im_end|>; the LM head only ever predicts <|im_end|> (final norm zeroed, a bias
+    on that token), so every reply closes its turn at once."""
+    tokenizer = load_tokenizer(ModelConfig(str(tiny_model_dir)))
+    model = load_causal_lm(ModelConfig(str(tiny_model_dir)), tokenizer)
+    tokenizer.eos_token = "<|bos|>"
+    model.generation_config.eos_token_id = None
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[end_of_turn] = 10.0
+    return model, tokenizer, end_of_turn
+
+
+def test_the_template_end_of_turn_stops_even_when_eos_differs(tiny_model_dir):
+    model, tokenizer, end_of_turn = _end_of_turn_is_not_eos(tiny_model_dir)
+    assert template_end_of_turn(tokenizer) == end_of_turn
+    assert stop_token_ids(tokenizer, model) == sorted([tokenizer.convert_tokens_to_ids("<|bos|>"), end_of_turn])
+
+
+def test_evaluation_answers_and_ppo_rollouts_stop_at_the_end_of_turn(tiny_model_dir):
+    """Trap 5 for every stage that generates, not only `rlhf feedback generate`: without the template's end-of-turn
+    token among the stops, these replies would run to max_new_tokens and count as never ending."""
+    import peft
+
+    from alignment import measure, rollout
+    from alignment.ppo import RolloutConfig
+    from alignment.roles import POLICY, Roles
+
+    model, tokenizer, end_of_turn = _end_of_turn_is_not_eos(tiny_model_dir)
+    prompt_ids = [tokenizer.apply_chat_template(c[:i], add_generation_prompt=True, return_dict=True)["input_ids"]
+                  for c, i in ((CHAT, 2), (CHAT, 4))]
+    answers, ended = measure.generate(model, tokenizer, prompt_ids, max_new_tokens=8, temperature=0.0, batch_size=2,
+                                      seed=0)
+    assert answers == ["", ""] and ended == [True, True]
+
+    policy = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name=POLICY)
+    batch = rollout.generate(Roles(policy, tokenizer, value_head=None, reference=None), prompt_ids,
+                             RolloutConfig(max_new_tokens=8), chunk=2, adapter=POLICY, greedy=True)
+    assert batch.contain_eos.tolist() == [True, True] and batch.sequence_lengths.tolist() == [0, 0]
+    assert batch.responses[:, 0].tolist() == [end_of_turn, end_of_turn]
 
 
 def _word_level_tokenizer(vocab: dict[str, int], **special):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from alignment.models import stop_token_ids
 from alignment.runs import Run, fingerprint_path, load_run
 from curation.records import stable_id
 from feedback.client import FeedbackError
@@ -19,8 +20,6 @@ from feedback.generate import (
     load_config,
     run,
     sample,
-    stop_token_ids,
-    template_end_of_turn,
 )
 from feedback.prompts import chat_prompt, load_prompts, prompt_roots
 from rlhf.config import ConfigError
@@ -317,15 +316,3 @@ def test_an_unfinished_run_is_refused(tiny_model_dir, curated, tmp_path):
     Run.start(tmp_path / "running", "sft", {"lr": 1}, model={"name_or_path": str(tiny_model_dir)})
     with pytest.raises(FeedbackError, match="is running, not finished"):
         run(_cfg(tmp_path / "running", curated, tmp_path / "gen"))
-
-
-def test_thetemplate_end_of_turn_stops_even_when_eos_differs(tiny_model_dir):
-    """A tokenizer whose eos is not the token that closes a turn (Llama 3: <|end_of_text|> vs <|eot_id|>)."""
-    from alignment.models import ModelConfig, load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(ModelConfig(str(tiny_model_dir)))
-    model = load_causal_lm(ModelConfig(str(tiny_model_dir)), tokenizer)
-    tokenizer.eos_token = "<|bos|>"
-    model.generation_config.eos_token_id = None
-    assert template_end_of_turn(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert stop_token_ids(tokenizer, model) == sorted(tokenizer.convert_tokens_to_ids(["<|bos|>", "<|im_end|>"]))
