@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -47,7 +46,7 @@ from alignment.measure import (
 )
 from alignment.models import ModelConfig, resolve_model_path
 from alignment.policy import POLICY_STAGES
-from alignment.runs import RUN_JSON, Run, RunError, fingerprint_path, load_run
+from alignment.runs import RUN_JSON, Run, RunError, fingerprint_path, load_run, write_text_atomic
 from rlhf.config import ConfigError
 
 if TYPE_CHECKING:
@@ -350,12 +349,6 @@ def evaluate(cfg: Config, inputs: Inputs) -> tuple[dict[str, Any], list[dict[str
     return metrics, samples
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden and replaced whole, as run.json is
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(cfg: Config) -> Path:
     """Evaluate, write run.json and samples.jsonl, print a summary table; returns the run directory (an identical
     finished evaluation is returned untouched, its table printed again)."""
@@ -371,7 +364,8 @@ def run(cfg: Config) -> Path:
         with run_:  # an unfinished earlier attempt ("resume") has nothing to continue from: it is redone
             set_seed(cfg.seed)
             metrics, samples = evaluate(cfg, inputs)
-            _write_jsonl(run_.dir / SAMPLES_FILE, samples)
+            lines = (json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
+            write_text_atomic(run_.dir / SAMPLES_FILE, "".join(lines))
             run_.record["samples"] = samples[:cfg.samples]
             run_.finish(metrics)
     print(summary(run_.record["metrics"]))

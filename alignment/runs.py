@@ -163,21 +163,26 @@ def sha256_json(obj: Any) -> str:
                           ).hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside ``path``, fsync, then ``os.replace``: readers see the old file or the new
-    one, never a partial one, even if serialisation fails half-way or the job is killed."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, fsync, then ``os.replace``: readers see the old file or the new
+    one, never a partial one, even if the job is killed half-way."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: not fingerprinted
     try:
         with tmp.open("x", encoding="utf-8") as f:  # mode "x" honours the umask (mkstemp would force 0600)
-            json.dump(data, f, indent=2, ensure_ascii=False, default=_json_default)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as indented JSON, written by :func:`write_text_atomic` (serialised first: a value that cannot be
+    written leaves the old file as it was)."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
 
 # --- records ------------------------------------------------------------------------------------------------------
@@ -336,9 +341,9 @@ class Run:
         if existing is not None and not overwrite:
             if existing["inputs_fingerprint"] != record["inputs_fingerprint"]:
                 diffs = _differences(_inputs(existing, output_only), _inputs(record, output_only))
-                raise InputsChanged(f"{out_dir} holds a {existing['status']} {existing['stage']} run made from different "
-                               f"inputs: {'; '.join(diffs[:12]) or 'inputs fingerprint differs'}. Choose another "
-                               "output folder, or overwrite to replace it")
+                raise InputsChanged(f"{out_dir} holds a {existing['status']} {existing['stage']} run made from "
+                                    f"different inputs: {'; '.join(diffs[:12]) or 'inputs fingerprint differs'}. "
+                                    "Choose another output folder, or overwrite to replace it")
             if existing["status"] == "finished":
                 return cls(out_dir, "skip", existing)
             return cls._resume(out_dir, existing, record)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -330,15 +328,10 @@ def render(record: dict) -> str:
 
 
 def write(run_dir: Path, record: dict) -> Path:
-    """``run_dir/report.html`` written atomically (a reader never sees half a page); returns its path."""
+    """``run_dir/report.html``, written atomically (a reader never sees half a page); returns its path."""
+    from alignment.runs import write_text_atomic  # here: importing this module loads only the standard library
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".report-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(render(record))
-        os.replace(tmp, run_dir / REPORT_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(run_dir / REPORT_FILE, render(record))
     return run_dir / REPORT_FILE

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from alignment.runs import RUN_JSON, Run, RunError, fingerprint_path, load_run, parent_chain, write_json_atomic
+from alignment.runs import (RUN_JSON, Run, RunError, fingerprint_path, load_run, parent_chain, write_json_atomic,
+                            write_text_atomic)
 from curation.writers import DatasetWriter
 
 MODEL = {"name_or_path": "tiny-llama", "revision": "main"}
@@ -217,7 +218,7 @@ def test_writes_are_atomic(tmp_path):
     run = start(out, data)
     run.record_metrics({"step": 1})
     before = (out / RUN_JSON).read_bytes()
-    # serialisation fails after part of the document is written to the temp file
+    # serialisation fails: the document is serialised before any file is opened
     with pytest.raises(TypeError, match="object is not JSON serialisable"):
         write_json_atomic(out / RUN_JSON, {**run.record, "zz_bad": object()})
     with pytest.raises(TypeError):
@@ -226,6 +227,31 @@ def test_writes_are_atomic(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "logs", RUN_JSON]  # no temp file left
     run.finish({"step": 2})  # the run is still usable
     assert load_run(out)["metrics"] == {"step": 2}
+
+
+def test_a_failed_replace_leaves_no_temp_file_and_the_target_as_it_was(tmp_path):
+    """The failure comes after the temp file is written (the target is a folder os.replace cannot replace)."""
+    target = tmp_path / "report.html"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    with pytest.raises(OSError):
+        write_text_atomic(target, "<html></html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    assert (target / "keep").read_text() == "x"
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """A report or a run.json is shared with the team: mkstemp's 0600 would hide it from everyone but the owner."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "report.html", "<html></html>")
+        write_json_atomic(tmp_path / RUN_JSON, {"a": 1})
+    finally:
+        os.umask(old)
+    assert {(tmp_path / n).stat().st_mode & 0o777 for n in ("report.html", RUN_JSON)} == {0o644}
+    assert (tmp_path / RUN_JSON).read_text() == '{\n  "a": 1\n}\n'
 
 
 def test_load_run_errors_name_the_file(tmp_path):
