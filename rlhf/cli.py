@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-
-import typer
-
 from pathlib import Path
 from typing import Annotated
+
+import typer
 
 from alignment.cli import SetOpt, align_app, model_app
 from curation.cli import curate

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from alignment.runs import VERSION_PACKAGES, fingerprint_path, sha256_json, utc_now, write_json_atomic
 from rlhf.config import ConfigError, load_config, redact_argv, redact_secrets
+from rlhf.provenance import git_commit, versions
 from rlhf.stages import (Prepared, align_stage, annotate_stage, curate_stage, ensure_server, feedback_stage,
                          waiting_message)
 
@@ -161,16 +163,12 @@ def _prepare(name: str, cfg: PipelineConfig, prepared: dict[str, Prepared], log)
 def stage_key(name: str, prepared: Prepared, upstream: list[list[str]]) -> str:
     """What decides a skip: the resolved config (secrets redacted), the stage's own input files and every earlier
     output's fingerprint, so an edit anywhere upstream re-runs everything after it."""
-    from alignment.runs import fingerprint_path, sha256_json
-
     config = dataclasses.asdict(prepared.config) if dataclasses.is_dataclass(prepared.config) else prepared.config
     return sha256_json({"stage": name, "config": redact_secrets(config), "upstream": upstream,
                         "inputs": [[str(p), fingerprint_path(p)] for p in prepared.inputs]})
 
 
 def _unchanged(before: Optional[dict], key: str, output: Optional[Path]) -> bool:
-    from alignment.runs import fingerprint_path
-
     if not before or before.get("key") != key or before.get("status") not in ("ran", "skipped", "pending") \
             or output is None:
         return False
@@ -179,8 +177,6 @@ def _unchanged(before: Optional[dict], key: str, output: Optional[Path]) -> bool
 
 def run_stage(name: str, prepared: Prepared, before: Optional[dict], upstream: list[list[str]]) -> dict[str, Any]:
     """Run (or skip) one stage; its entry for run.json."""
-    from alignment.runs import fingerprint_path
-
     key = stage_key(name, prepared, upstream)
     entry = {"name": name, "key": key, "output": str(prepared.output) if prepared.output else None}
     if name not in EXTERNAL and _unchanged(before, key, prepared.output):
@@ -210,9 +206,6 @@ def _previous(run_dir: Path) -> dict[str, dict]:
 
 
 def _new_record(cfg: PipelineConfig, recipe: str) -> dict[str, Any]:
-    from alignment.runs import VERSION_PACKAGES, utc_now
-    from rlhf.provenance import git_commit, versions
-
     return {"format": 1, "kind": "pipeline", "name": cfg.name, "recipe": str(recipe), "status": "running",
             "started_at": utc_now(), "finished_at": None, "wall_time_s": 0.0,
             "command": shlex.join(redact_argv(sys.argv)),
@@ -222,8 +215,6 @@ def _new_record(cfg: PipelineConfig, recipe: str) -> dict[str, Any]:
 
 
 def _save(run_dir: Path, record: dict[str, Any], t0: float) -> None:
-    from alignment.runs import write_json_atomic
-
     record["wall_time_s"] = round(time.monotonic() - t0, 3)
     write_json_atomic(run_dir / RUN_JSON, record)
 
@@ -259,8 +250,6 @@ def run(cfg: PipelineConfig, recipe: str | Path, log: Callable[[str], None] = la
     try:
         prepared = prepare_all(cfg, log)
         if cfg.tiny_model:
-            from alignment.runs import fingerprint_path
-
             _ensure_tiny(Path(cfg.tiny_model), log)
             upstream.append(["tiny_model", fingerprint_path(cfg.tiny_model)])
         for i, name in enumerate(ORDER, start=1):
@@ -305,8 +294,6 @@ def _not_reached(record: dict[str, Any], before: dict[str, dict]) -> None:
 
 def _finish(cfg: PipelineConfig, run_dir: Path, record: dict, outputs: dict, t0: float, server, log) -> None:
     """Report, run.json, server: also after a failure, when the report must not hide the error that ended the run."""
-    from alignment.runs import utc_now
-
     record["finished_at"] = utc_now()
     try:
         record["report"] = str(_write_report(run_dir, record, outputs))
