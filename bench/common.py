@@ -122,6 +122,13 @@ class ChildRun:
     peak_rss_mib: float  # the child's maximum resident set size
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that holds a child to ``threads`` threads in every pool it may use (OpenMP/MKL under torch and
+    NumPy, OpenBLAS under NumPy, the tokenizers' Rayon pool), so contenders compare at the same thread count."""
+    n = str(threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
               timeout: float | None = None) -> ChildRun:
     """Run ``argv``; its stdout's last line must be JSON. stderr passes through (progress stays visible).

@@ -192,13 +192,13 @@ def peer_site(work: Path) -> Path:
 
 def run_contender(name: str, docs: Path, out: Path, rules: str, site: Path, before: Path | None):
     """One contender as its own child process (this script in --worker mode); returns common.ChildRun."""
-    from common import run_child
+    from common import run_child, thread_env
 
     side, options = CONTENDERS[name]
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--corpus-docs", str(docs),
             "--out", str(out), "--rules", rules]
     # One thread for NumPy/BLAS in both (datatrove's signatures and ours are NumPy); torch is not used here.
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = thread_env(1)
     if side == "datatrove":
         argv += ["--rows", str(options["rows"])]
         env["PYTHONPATH"] = str(site)

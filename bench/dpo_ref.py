@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, when run as a script
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the product packages, from any working directory
 
-from common import ROOT, ChildMemorySampler, proc_status_kib, run_child, update_readme, write_results
+from common import ROOT, ChildMemorySampler, proc_status_kib, run_child, thread_env, update_readme, write_results
 from dpo_ref_report import comparisons, notes_for, per_contender, readme_block, render
 
 # ~118M parameters: 12 blocks of hidden 896 (14 heads of 64) and SwiGLU 2432, vocab 1024 tied. fp32: ~450 MiB.
@@ -267,7 +267,7 @@ def contender_argv(a: argparse.Namespace, who: str, model: str, work: Path, step
 def measure(a: argparse.Namespace, work: Path) -> list[dict]:
     """Every contender on every model, ``rounds`` times; each round starts one contender later in the order, so no
     contender always runs first (the neighbours' load on this shared machine changes over minutes)."""
-    env = {"OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = thread_env(a.threads)
     contenders, rows = a.contenders.split(","), []
     for model in a.models.split(","):
         steps, max_length, rounds = ((a.steps_tiny, a.max_length_tiny, a.rounds_tiny) if model == "tiny"

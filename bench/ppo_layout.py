@@ -53,6 +53,7 @@ from bench.common import (
     markdown_table,
     provenance_line,
     run_child,
+    thread_env,
     update_readme,
     write_results,
 )
@@ -184,9 +185,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 # ---- the driver ----
 
 def child_env(threads: int) -> dict[str, str]:
-    n = str(threads)
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false",
-            "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONPATH": str(ROOT)}
+    return {**thread_env(threads), "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONPATH": str(ROOT)}
 
 
 def measure_size(size: str, args: argparse.Namespace, peer_python: Path | None) -> list[dict[str, Any]]:

@@ -44,7 +44,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/sft_vs_trl.py` from the root
 
-from bench.common import ROOT, markdown_table, provenance_line, run_child, update_readme, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT, markdown_table, provenance_line, run_child, thread_env, update_readme, write_results,
+)
 
 NAME = "sft_vs_trl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -313,15 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         data, model = prepare_inputs(work, a.device)
-        threads = str(a.threads)
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+        env = thread_env(a.threads)
         runs: dict[str, list[Any]] = {name: [] for name, _ in CONTENDERS}
         for repeat in range(a.repeats):  # round-robin, so slow spells of the shared machine are spread over all
             for name, label in CONTENDERS:
                 argv_ = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--model", str(model),
                          "--data", str(data), "--out", str(work / f"run-{name}"), "--steps", str(a.steps),
                          "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr),
-                         "--seed", str(a.seed), "--threads", threads]
+                         "--seed", str(a.seed), "--threads", str(a.threads)]
                 print(f"[{NAME}] {label}, run {repeat + 1}/{a.repeats} ...", file=sys.stderr, flush=True)
                 runs[name].append(run_child(argv_, env=env, cwd=ROOT))
         rows = [summarise(name, label, runs[name]) for name, label in CONTENDERS]

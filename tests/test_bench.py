@@ -4,6 +4,7 @@ not run here: CI has no budget for them and their figures belong in bench/result
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -105,6 +106,13 @@ def test_child_memory_sampler_sees_the_childs_peak_from_outside():
     assert sampler.peaks["Pss"] > 250 and sampler.peaks["Rss"] >= sampler.peaks["Pss"]
     assert sampler.at_peak_pss["Pss"] == sampler.peaks["Pss"]
     assert idle.peaks == {} and idle.at_peak_pss == {}
+
+
+def test_thread_env_holds_a_child_to_the_thread_count():
+    code = "import json, torch; print(json.dumps({'torch_threads': torch.get_num_threads()}))"
+    assert common.run_child([sys.executable, "-c", code], env=common.thread_env(1)).result == {"torch_threads": 1}
+    if (os.cpu_count() or 1) > 1:  # and the count is what it says, not a constant 1
+        assert common.run_child([sys.executable, "-c", code], env=common.thread_env(2)).result == {"torch_threads": 2}
 
 
 def test_phase_clock_times_each_call_of_a_wrapped_function_even_when_it_raises():
